@@ -1,0 +1,20 @@
+"""NumberService on grpclib: server, typed client library, CLI and pytest plugin."""
+
+from .accumulator import INT32_MAX, INT32_MIN, Accumulator, SumOutOfRange, check_int32
+from .client import NumberClient, Session
+from .server import create_server, serve
+from .service import ACCUMULATE_NUMBERS, NumberService
+
+__all__ = [
+    "ACCUMULATE_NUMBERS",
+    "INT32_MAX",
+    "INT32_MIN",
+    "Accumulator",
+    "NumberClient",
+    "NumberService",
+    "Session",
+    "SumOutOfRange",
+    "check_int32",
+    "create_server",
+    "serve",
+]

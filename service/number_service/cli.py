@@ -1,0 +1,116 @@
+"""The ``number-service`` command: ``serve`` runs the server, ``accumulate`` is a client.
+
+Exit codes: 0 success, 1 the call or the server failed, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+from collections.abc import AsyncIterator, Iterable
+from typing import IO, NoReturn
+
+import click
+from grpclib.exceptions import GRPCError
+
+from . import server
+from .accumulator import check_int32
+from .client import NumberClient
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class InputError(ValueError):
+    """A number given to ``accumulate`` that cannot be sent; names where it came from."""
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"number-service: {message}", err=True)
+    sys.exit(code)
+
+
+def _parse(text: str, where: str) -> int:
+    try:
+        return check_int32(int(text))
+    except ValueError as err:
+        if text.strip().lstrip("+-").isdigit():
+            raise InputError(f"{where}: {err}") from None
+        raise InputError(f"{where}: {text!r} is not an integer") from None
+
+
+def _from_args(args: Iterable[str]) -> list[int]:
+    return [_parse(arg, f"argument {i}") for i, arg in enumerate(args, 1)]
+
+
+async def _from_lines(stream: IO[str]) -> AsyncIterator[int]:
+    """One integer per line, read as it comes so that a pipe streams; blank lines skip."""
+    lineno = 0
+    while line := await asyncio.to_thread(stream.readline):
+        lineno += 1
+        if line.strip():
+            yield _parse(line.strip(), f"line {lineno}")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="number-service", prog_name="number-service")
+def main() -> None:
+    """NumberService: a gRPC bidirectional stream that answers each number with the sum so far."""
+
+
+@main.command()
+@click.option("--host", default=server.DEFAULT_HOST, show_default=True, help="Address to bind.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=server.DEFAULT_PORT,
+    show_default=True,
+    help="TCP port; 0 picks a free one (the ready line says which).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    default="info",
+    show_default=True,
+)
+def serve(host: str, port: int, log_level: str) -> None:
+    """Run the server in the foreground until SIGINT or SIGTERM."""
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        asyncio.run(server.serve(host, port))
+    except OSError as err:
+        _fail(str(err), 1)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--host", default=server.DEFAULT_HOST, show_default=True, help="Server address.")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=server.DEFAULT_PORT, show_default=True
+)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Deadline, seconds.")
+@click.argument("numbers", nargs=-1)
+def accumulate(host: str, port: int, timeout: float | None, numbers: tuple[str, ...]) -> None:
+    """Send NUMBERS (or, with - or none, one integer per line of stdin); print each sum.
+
+    Each sum is printed as soon as it arrives: `seq 1 10 | number-service accumulate -`.
+    """
+    try:
+        source = _from_lines(sys.stdin) if numbers in ((), ("-",)) else _from_args(numbers)
+        asyncio.run(_accumulate(host, port, timeout, source))
+    except InputError as err:
+        _fail(str(err), 2)
+    except GRPCError as err:
+        _fail(f"{err.status.name}: {err.message}", 1)
+
+
+async def _accumulate(
+    host: str, port: int, timeout: float | None, source: Iterable[int] | AsyncIterator[int]
+) -> None:
+    async with NumberClient(host, port, timeout=timeout) as client:
+        async for total in client.accumulate(source):
+            click.echo(total)
+            sys.stdout.flush()

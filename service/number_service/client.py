@@ -1,0 +1,240 @@
+"""Typed asyncio client for NumberService.
+
+    async with NumberClient("127.0.0.1", 50051, timeout=5) as client:
+        async for total in client.accumulate([1, 2, 3]):
+            print(total)                      # 1, 3, 6
+        async with client.session() as session:
+            await session.add(10)             # 10
+            await session.add(-4)             # 6
+
+Every failure of the call is a :class:`grpclib.exceptions.GRPCError`: the server's
+status, or DEADLINE_EXCEEDED / UNAVAILABLE made here from a timeout or a lost
+connection. Numbers outside int32 raise ValueError and are never sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Mapping
+from contextlib import asynccontextmanager
+from types import TracebackType
+from typing import Union
+
+from grpclib.client import Channel, Stream
+from grpclib.const import Cardinality, Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+from number_service_gen.tutorial import NumberRequest, NumberResponse
+
+from .accumulator import check_int32
+from .server import DEFAULT_HOST, DEFAULT_PORT
+from .service import ACCUMULATE_NUMBERS
+
+Metadata = Union[Mapping[str, Union[str, bytes]], Collection[tuple[str, Union[str, bytes]]]]
+Numbers = Union[Iterable[int], AsyncIterable[int]]
+_Call = Stream[NumberRequest, NumberResponse]
+
+# Sums received but not yet taken by the caller; beyond this HTTP/2 flow control
+# pushes back on the server instead of this process buffering without bound.
+_READ_AHEAD = 64
+
+
+class NumberClient:
+    """A connection to a NumberService server; use it as an async context manager."""
+
+    def __init__(
+        self,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> None:
+        self._channel = Channel(host, port)
+        self._owns_channel = True
+        self._target = f"{host}:{port}"
+        self.timeout = timeout
+        self.metadata = metadata
+
+    @classmethod
+    def over(
+        cls,
+        channel: Channel,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> NumberClient:
+        """A client on a channel the caller owns (e.g. ``grpclib.testing.ChannelFor``)."""
+        client = cls.__new__(cls)
+        client._channel = channel
+        client._owns_channel = False
+        client._target = repr(channel)
+        client.timeout = timeout
+        client.metadata = metadata
+        return client
+
+    async def __aenter__(self) -> NumberClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the connection, if this client opened it."""
+        if self._owns_channel:
+            self._channel.close()
+
+    async def accumulate(
+        self,
+        numbers: Numbers,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> AsyncIterator[int]:
+        """Stream ``numbers`` to the server and yield each running sum as it arrives.
+
+        Sending and receiving overlap: numbers are read from ``numbers`` only as
+        they are sent, never collected first. A sequence is checked whole before
+        anything is sent; any other iterable is checked number by number, and the
+        call is cancelled at the first bad one.
+        """
+        if isinstance(numbers, (list, tuple, range)):
+            for num in numbers:
+                check_int32(num)
+        async with self._call(timeout, metadata) as call:
+            inbox: asyncio.Queue[int | BaseException | None] = asyncio.Queue(_READ_AHEAD)
+            sender = asyncio.create_task(_send_all(call, numbers, inbox))
+            receiver = asyncio.create_task(_receive_all(call, inbox))
+            try:
+                while (item := await inbox.get()) is not None:
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                if not sender.done() or not sender.result():
+                    # The server ended the stream before we finished sending.
+                    raise _ENDED_EARLY
+            finally:
+                for task in (sender, receiver):
+                    task.cancel()
+                await asyncio.gather(sender, receiver, return_exceptions=True)
+
+    @asynccontextmanager
+    async def session(
+        self,
+        *,
+        timeout: float | None = None,
+        metadata: Metadata | None = None,
+    ) -> AsyncIterator[Session]:
+        """One stream for lock-step use: ``await session.add(n)`` returns the new sum.
+
+        Leaving the block half-closes the stream and waits for the server's OK.
+        """
+        async with self._call(timeout, metadata) as call:
+            session = Session(call)
+            yield session
+            await session.close()
+
+    @asynccontextmanager
+    async def _call(self, timeout: float | None, metadata: Metadata | None) -> AsyncIterator[_Call]:
+        """Open one AccumulateNumbers stream; map transport failures to gRPC statuses."""
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            async with self._channel.request(
+                ACCUMULATE_NUMBERS,
+                Cardinality.STREAM_STREAM,
+                NumberRequest,
+                NumberResponse,
+                timeout=timeout,
+                metadata=self.metadata if metadata is None else metadata,
+            ) as call:
+                await call.send_request()
+                yield call
+        except asyncio.TimeoutError:
+            raise GRPCError(
+                Status.DEADLINE_EXCEEDED, f"deadline of {timeout} s exceeded"
+            ) from None
+        except (OSError, StreamTerminatedError) as err:
+            raise GRPCError(
+                Status.UNAVAILABLE, f"cannot reach {self._target}: {err}"
+            ) from None
+
+
+class Session:
+    """A stream driven one number at a time; made by :meth:`NumberClient.session`."""
+
+    def __init__(self, call: _Call) -> None:
+        self._call = call
+        self._closed = False
+
+    async def add(self, num: int) -> int:
+        """Send ``num`` and wait for the running sum that answers it."""
+        check_int32(num)
+        if self._closed:
+            raise RuntimeError("session is closed")
+        await self._call.send_message(NumberRequest(num=num))
+        response = await self._call.recv_message()
+        if response is None:
+            self._closed = True
+            raise _ENDED_EARLY
+        return response.sum
+
+    async def close(self) -> None:
+        """Half-close the stream and wait for the server's final status."""
+        if not self._closed:
+            self._closed = True
+            await self._call.end()
+            await self._call.recv_trailing_metadata()
+
+
+# Raised inside the grpclib stream's block when the server ended the stream first:
+# grpclib then replaces it with the status the server sent, if that is not OK.
+_ENDED_EARLY = StreamTerminatedError("server ended the stream before the client finished")
+
+
+async def _numbers(numbers: Numbers) -> AsyncIterator[int]:
+    if isinstance(numbers, AsyncIterable):
+        async for num in numbers:
+            yield check_int32(num)
+    else:
+        for num in numbers:
+            yield check_int32(num)
+
+
+async def _send_all(
+    call: _Call, numbers: Numbers, inbox: asyncio.Queue[int | BaseException | None]
+) -> bool:
+    """Send every number, then half-close; True once half-closed.
+
+    A bad number or a failing ``numbers`` iterator is reported through ``inbox``.
+    A failed send only returns False: the stream is gone, and the receiver reports
+    why (the server's status, or the lost connection).
+    """
+    try:
+        async for num in _numbers(numbers):
+            try:
+                await call.send_message(NumberRequest(num=num))
+            except Exception:
+                return False
+    except Exception as err:
+        await inbox.put(err)
+        return False
+    try:
+        await call.end()
+    except Exception:
+        return False
+    return True
+
+
+async def _receive_all(call: _Call, inbox: asyncio.Queue[int | BaseException | None]) -> None:
+    """Put each sum into ``inbox``, then None at the end of the stream, or the error."""
+    try:
+        async for response in call:
+            await inbox.put(response.sum)
+    except Exception as err:
+        await inbox.put(err)
+    else:
+        await inbox.put(None)

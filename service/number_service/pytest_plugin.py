@@ -1,0 +1,71 @@
+"""pytest fixtures for projects that use NumberService (loaded via the pytest11 entry point).
+
+    async def test_sums(number_client):            # in-process, grpclib.testing.ChannelFor
+        assert [s async for s in number_client.accumulate([1, 2])] == [1, 3]
+
+    async def test_over_tcp(number_server, number_server_client):
+        ...                                         # a real server on 127.0.0.1:<ephemeral>
+
+The fixtures are async; they need pytest-asyncio (``pip install number-service[pytest]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+
+try:
+    import pytest_asyncio
+except ImportError:  # pragma: no cover - only without the [pytest] extra
+
+    def pytest_configure(config: pytest.Config) -> None:
+        config.issue_config_time_warning(
+            pytest.PytestConfigWarning(
+                "number-service fixtures need pytest-asyncio: "
+                "pip install 'number-service[pytest]'"
+            ),
+            stacklevel=2,
+        )
+
+else:
+    from grpclib.server import Server
+    from grpclib.testing import ChannelFor
+
+    from .client import NumberClient
+    from .server import address_of, bind, create_server
+    from .service import NumberService
+
+    @dataclass(frozen=True)
+    class RunningServer:
+        """A started server: where it listens, and the grpclib Server itself."""
+
+        host: str
+        port: int
+        server: Server
+
+    @pytest_asyncio.fixture
+    async def number_client() -> AsyncIterator[NumberClient]:
+        """A client wired to an in-process NumberService, no sockets involved."""
+        async with ChannelFor([NumberService()]) as channel:
+            yield NumberClient.over(channel)
+
+    @pytest_asyncio.fixture
+    async def number_server() -> AsyncIterator[RunningServer]:
+        """A real grpclib server on an ephemeral 127.0.0.1 port, closed afterwards."""
+        sock = bind("127.0.0.1", 0)
+        server = create_server()
+        await server.start(sock=sock)
+        host, port = address_of(sock)
+        try:
+            yield RunningServer(host, port, server)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    @pytest_asyncio.fixture
+    async def number_server_client(number_server: RunningServer) -> AsyncIterator[NumberClient]:
+        """A client connected over loopback TCP to ``number_server``."""
+        async with NumberClient(number_server.host, number_server.port) as client:
+            yield client

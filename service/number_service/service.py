@@ -1,0 +1,58 @@
+"""The gRPC side of NumberService: the generated base bound to the accumulator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+from number_service_gen.tutorial import NumberRequest, NumberResponse, NumberServiceBase
+
+from .accumulator import Accumulator, SumOutOfRange
+
+#: Full method path on the wire, identical to the Go original's.
+ACCUMULATE_NUMBERS = "/tutorial.NumberService/AccumulateNumbers"
+
+
+class NumberService(NumberServiceBase):
+    """Answers every request on a stream with the sum so far; streams share nothing."""
+
+    async def accumulate_numbers(
+        self, number_request_iterator: AsyncIterator[NumberRequest]
+    ) -> AsyncIterator[NumberResponse]:
+        # The generated handler sends each yielded response before this generator
+        # resumes, so every answer goes out before the next request is read.
+        acc = Accumulator()
+        async for request in _decoded(number_request_iterator):
+            try:
+                total = acc.add(request.num)
+            except SumOutOfRange as err:
+                raise GRPCError(Status.OUT_OF_RANGE, str(err)) from None
+            yield NumberResponse(sum=total)
+
+
+async def _decoded(requests: AsyncIterator[NumberRequest]) -> AsyncIterator[NumberRequest]:
+    """Yield requests; turn a request that cannot be read into a gRPC status.
+
+    grpclib decodes each message inside the request iterator and reports any codec
+    exception as a bare UNKNOWN with a logged traceback. grpc-go answers INTERNAL
+    with a message; so do we, whatever codec the server was built with.
+    """
+    while True:
+        try:
+            request = await anext(requests)
+        except StopAsyncIteration:
+            return
+        except (GRPCError, StreamTerminatedError):
+            raise
+        except NotImplementedError as err:  # grpclib's answer to a compressed message
+            raise GRPCError(
+                Status.UNIMPLEMENTED, f"request could not be read: {err}; send it uncompressed"
+            ) from None
+        except Exception as err:
+            raise GRPCError(
+                Status.INTERNAL,
+                f"request could not be decoded as tutorial.NumberRequest: "
+                f"{type(err).__name__}: {err}",
+            ) from None
+        yield request
