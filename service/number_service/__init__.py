@@ -1,6 +1,6 @@
 """NumberService on grpclib: server, typed client library, CLI and pytest plugin."""
 
-from .accumulator import INT32_MAX, INT32_MIN, Accumulator, SumOutOfRange, check_int32
+from .accumulator import INT32_MAX, INT32_MIN, Accumulator, SumOutOfRangeError, check_int32
 from .client import NumberClient, Session
 from .server import create_server, serve
 from .service import ACCUMULATE_NUMBERS, NumberService
@@ -13,7 +13,7 @@ __all__ = [
     "NumberClient",
     "NumberService",
     "Session",
-    "SumOutOfRange",
+    "SumOutOfRangeError",
     "check_int32",
     "create_server",
     "serve",

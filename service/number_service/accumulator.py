@@ -1,7 +1,7 @@
 """The running sum behind NumberService, free of any gRPC concern.
 
 The Go original stores ``int32(sum)`` and so wraps silently on overflow. We refuse
-instead: a step that would leave the int32 range raises :class:`SumOutOfRange` and
+instead: a step that would leave the int32 range raises :class:`SumOutOfRangeError` and
 leaves the sum as it was, so the caller can report both numbers.
 """
 
@@ -20,7 +20,7 @@ def check_int32(value: int, what: str = "number") -> int:
     return value
 
 
-class SumOutOfRange(ValueError):
+class SumOutOfRangeError(ValueError):
     """Adding ``num`` to ``total`` would leave the int32 range."""
 
     def __init__(self, total: int, num: int) -> None:
@@ -44,6 +44,6 @@ class Accumulator:
         """Add ``num`` and return the new sum; on overflow raise and keep the old sum."""
         total = self.total + check_int32(num, "num")
         if not INT32_MIN <= total <= INT32_MAX:
-            raise SumOutOfRange(self.total, num)
+            raise SumOutOfRangeError(self.total, num)
         self.total = total
         return total

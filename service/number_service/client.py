@@ -18,19 +18,20 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Mapping
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Union
 
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 from .accumulator import check_int32
+from .codec import NumberCodec
 from .server import DEFAULT_HOST, DEFAULT_PORT
 from .service import ACCUMULATE_NUMBERS
 
-Metadata = Union[Mapping[str, Union[str, bytes]], Collection[tuple[str, Union[str, bytes]]]]
-Numbers = Union[Iterable[int], AsyncIterable[int]]
+Metadata = Mapping[str, str | bytes] | Collection[tuple[str, str | bytes]]
+Numbers = Iterable[int] | AsyncIterable[int]
 _Call = Stream[NumberRequest, NumberResponse]
 
 # Sums received but not yet taken by the caller; beyond this HTTP/2 flow control
@@ -49,7 +50,7 @@ class NumberClient:
         timeout: float | None = None,
         metadata: Metadata | None = None,
     ) -> None:
-        self._channel = Channel(host, port)
+        self._channel = Channel(host, port, codec=NumberCodec())
         self._owns_channel = True
         self._target = f"{host}:{port}"
         self.timeout = timeout
@@ -153,14 +154,10 @@ class NumberClient:
             ) as call:
                 await call.send_request()
                 yield call
-        except asyncio.TimeoutError:
-            raise GRPCError(
-                Status.DEADLINE_EXCEEDED, f"deadline of {timeout} s exceeded"
-            ) from None
+        except TimeoutError:
+            raise GRPCError(Status.DEADLINE_EXCEEDED, f"deadline of {timeout} s exceeded") from None
         except (OSError, StreamTerminatedError) as err:
-            raise GRPCError(
-                Status.UNAVAILABLE, f"cannot reach {self._target}: {err}"
-            ) from None
+            raise GRPCError(Status.UNAVAILABLE, f"cannot reach {self._target}: {err}") from None
 
 
 class Session:

@@ -23,8 +23,7 @@ except ImportError:  # pragma: no cover - only without the [pytest] extra
     def pytest_configure(config: pytest.Config) -> None:
         config.issue_config_time_warning(
             pytest.PytestConfigWarning(
-                "number-service fixtures need pytest-asyncio: "
-                "pip install 'number-service[pytest]'"
+                "number-service fixtures need pytest-asyncio: pip install 'number-service[pytest]'"
             ),
             stacklevel=2,
         )
@@ -34,6 +33,7 @@ else:
     from grpclib.testing import ChannelFor
 
     from .client import NumberClient
+    from .codec import NumberCodec
     from .server import address_of, bind, create_server
     from .service import NumberService
 
@@ -48,7 +48,7 @@ else:
     @pytest_asyncio.fixture
     async def number_client() -> AsyncIterator[NumberClient]:
         """A client wired to an in-process NumberService, no sockets involved."""
-        async with ChannelFor([NumberService()]) as channel:
+        async with ChannelFor([NumberService()], codec=NumberCodec()) as channel:
             yield NumberClient.over(channel)
 
     @pytest_asyncio.fixture

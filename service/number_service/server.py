@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import logging
 import socket
+
 from grpclib.server import Server
 from grpclib.utils import graceful_exit
 
+from .codec import NumberCodec
 from .service import NumberService
 
 log = logging.getLogger("number_service")
@@ -25,8 +27,8 @@ DEFAULT_PORT = 50051
 
 
 def create_server() -> Server:
-    """A grpclib Server with a fresh NumberService, not yet started."""
-    return Server([NumberService()])
+    """A grpclib Server with a fresh NumberService and the strict codec, not started."""
+    return Server([NumberService()], codec=NumberCodec())
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -35,9 +37,7 @@ def bind(host: str, port: int) -> socket.socket:
     Raises OSError with the address in the message, e.g. when the port is taken.
     """
     try:
-        infos = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
         return socket.create_server(address[:2], family=family, backlog=128)
     except OSError as err:

@@ -6,12 +6,15 @@ from collections.abc import AsyncIterator
 
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+
 from number_service_gen.tutorial import NumberRequest, NumberResponse, NumberServiceBase
 
-from .accumulator import Accumulator, SumOutOfRange
+from .accumulator import Accumulator, SumOutOfRangeError
 
 #: Full method path on the wire, identical to the Go original's.
 ACCUMULATE_NUMBERS = "/tutorial.NumberService/AccumulateNumbers"
+
+_UNDECODABLE = "request could not be decoded as tutorial.NumberRequest: "
 
 
 class NumberService(NumberServiceBase):
@@ -24,9 +27,11 @@ class NumberService(NumberServiceBase):
         # resumes, so every answer goes out before the next request is read.
         acc = Accumulator()
         async for request in _decoded(number_request_iterator):
+            if type(request.num) is not int:  # betterproto's own decoder lets this through
+                raise GRPCError(Status.INTERNAL, _UNDECODABLE + "num is not an int32")
             try:
                 total = acc.add(request.num)
-            except SumOutOfRange as err:
+            except SumOutOfRangeError as err:
                 raise GRPCError(Status.OUT_OF_RANGE, str(err)) from None
             yield NumberResponse(sum=total)
 
@@ -36,7 +41,9 @@ async def _decoded(requests: AsyncIterator[NumberRequest]) -> AsyncIterator[Numb
 
     grpclib decodes each message inside the request iterator and reports any codec
     exception as a bare UNKNOWN with a logged traceback. grpc-go answers INTERNAL
-    with a message; so do we, whatever codec the server was built with.
+    with a message; so do we, whatever codec the server was built with. Only
+    :class:`~number_service.codec.NumberCodec` (used by ``create_server``) judges
+    the bytes exactly as Google's parser does.
     """
     while True:
         try:
@@ -50,9 +57,5 @@ async def _decoded(requests: AsyncIterator[NumberRequest]) -> AsyncIterator[Numb
                 Status.UNIMPLEMENTED, f"request could not be read: {err}; send it uncompressed"
             ) from None
         except Exception as err:
-            raise GRPCError(
-                Status.INTERNAL,
-                f"request could not be decoded as tutorial.NumberRequest: "
-                f"{type(err).__name__}: {err}",
-            ) from None
+            raise GRPCError(Status.INTERNAL, f"{_UNDECODABLE}{err}") from None
         yield request

@@ -1,0 +1,155 @@
+"""The typed client library's own promises: refusals, laziness, errors as GRPCError."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+from grpclib import events
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from number_service import INT32_MAX, INT32_MIN, NumberClient
+from number_service.pytest_plugin import RunningServer
+
+
+def received_messages(server: RunningServer) -> list[object]:
+    """Every request message the server decodes, as they arrive."""
+    seen: list[object] = []
+
+    async def record(event: events.RecvMessage) -> None:
+        seen.append(event.message)
+
+    events.listen(server.server, events.RecvMessage, record)
+    return seen
+
+
+@pytest.mark.parametrize("bad", [INT32_MAX + 1, INT32_MIN - 1])
+async def test_out_of_int32_in_a_sequence_is_refused_before_anything_is_sent(
+    number_server: RunningServer, number_server_client: NumberClient, bad: int
+) -> None:
+    started: list[str] = []
+
+    async def record(event: events.RecvRequest) -> None:
+        started.append(event.method_name)
+
+    events.listen(number_server.server, events.RecvRequest, record)
+    with pytest.raises(ValueError, match="outside int32"):
+        async for _ in number_server_client.accumulate([1, 2, bad]):
+            pass
+    assert started == []  # not even a stream was opened
+    assert [s async for s in number_server_client.accumulate([1])] == [1]
+    assert started == ["/tutorial.NumberService/AccumulateNumbers"]
+
+
+async def test_out_of_int32_in_an_iterator_is_never_sent(
+    number_server: RunningServer, number_server_client: NumberClient
+) -> None:
+    seen = received_messages(number_server)
+
+    async def numbers() -> AsyncIterator[int]:
+        yield 1
+        yield 2**31
+
+    with pytest.raises(ValueError, match="2147483648 is outside int32"):
+        async for _ in number_server_client.accumulate(numbers()):
+            pass
+    await asyncio.sleep(0.05)
+    assert [m.num for m in seen] == [1]  # type: ignore[attr-defined]
+
+
+async def test_session_refuses_out_of_int32(number_client: NumberClient) -> None:
+    async with number_client.session() as session:
+        assert await session.add(1) == 1
+        with pytest.raises(ValueError, match="outside int32"):
+            await session.add(INT32_MAX + 1)
+        assert await session.add(1) == 2  # the stream is still good
+
+
+async def test_accepts_sync_and_async_iterables(number_client: NumberClient) -> None:
+    async def agen() -> AsyncIterator[int]:
+        for n in (1, 2, 3):
+            yield n
+
+    assert [s async for s in number_client.accumulate(iter([1, 2, 3]))] == [1, 3, 6]
+    assert [s async for s in number_client.accumulate(agen())] == [1, 3, 6]
+    assert [s async for s in number_client.accumulate(n for n in range(3))] == [0, 1, 3]
+
+
+async def test_does_not_collect_the_input_first(number_client: NumberClient) -> None:
+    """An endless input still yields sums; breaking off cancels the call."""
+
+    async def forever() -> AsyncIterator[int]:
+        while True:
+            yield 1
+            await asyncio.sleep(0.001)  # a live source, not a flood of 4 MiB of window
+
+    got = []
+    async for total in number_client.accumulate(forever()):
+        got.append(total)
+        if total == 5:
+            break
+    assert got == [1, 2, 3, 4, 5]
+    assert [s async for s in number_client.accumulate([7])] == [7]
+
+
+async def test_error_in_the_input_iterator_surfaces(number_client: NumberClient) -> None:
+    async def broken() -> AsyncIterator[int]:
+        yield 1
+        raise RuntimeError("input broke")
+
+    with pytest.raises(RuntimeError, match="input broke"):
+        async for _ in number_client.accumulate(broken()):
+            pass
+
+
+async def test_deadline_is_a_grpc_status(number_server_client: NumberClient) -> None:
+    with pytest.raises(GRPCError) as caught:
+        async with number_server_client.session(timeout=0.2) as session:
+            assert await session.add(1) == 1
+            await asyncio.sleep(0.5)
+            await session.add(1)
+    assert caught.value.status is Status.DEADLINE_EXCEEDED
+
+
+async def test_deadline_while_waiting_in_accumulate(number_server_client: NumberClient) -> None:
+    async def slow() -> AsyncIterator[int]:
+        yield 1
+        await asyncio.sleep(5)
+        yield 2
+
+    got = []
+    with pytest.raises(GRPCError) as caught:
+        async for total in number_server_client.accumulate(slow(), timeout=0.3):
+            got.append(total)
+    assert got == [1]
+    assert caught.value.status is Status.DEADLINE_EXCEEDED
+
+
+async def test_no_server_is_unavailable() -> None:
+    with socket.socket() as probe:  # a port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    async with NumberClient("127.0.0.1", port) as client:
+        with pytest.raises(GRPCError) as caught:
+            async for _ in client.accumulate([1]):
+                pass
+    assert caught.value.status is Status.UNAVAILABLE
+    assert f"127.0.0.1:{port}" in (caught.value.message or "")
+
+
+async def test_metadata_reaches_the_server(number_server: RunningServer) -> None:
+    got: list[object] = []
+
+    async def record(event: events.RecvRequest) -> None:
+        got.append(event.metadata.get("x-tenant"))
+
+    events.listen(number_server.server, events.RecvRequest, record)
+    async with NumberClient(
+        number_server.host, number_server.port, metadata={"x-tenant": "a"}
+    ) as client:
+        assert [s async for s in client.accumulate([1])] == [1]
+        assert [s async for s in client.accumulate([1], metadata={"x-tenant": "b"})] == [1]
+    assert got == ["a", "b"]
