@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
+from grpclib import events
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.encoding.base import CodecBase
@@ -110,3 +111,19 @@ async def test_undecodable_request_is_internal_and_server_keeps_serving(
         assert caught.value.message is not None
         assert "could not be decoded" in caught.value.message
         assert await bystander.add(5) == 10  # another stream never noticed
+
+
+async def test_session_without_numbers_ends_ok(
+    number_server: RunningServer, number_server_client: NumberClient
+) -> None:
+    statuses: list[Status] = []
+
+    async def record(event: events.SendTrailingMetadata) -> None:
+        statuses.append(event.status)
+
+    events.listen(number_server.server, events.SendTrailingMetadata, record)
+    async with number_server_client.session():
+        pass
+    async with number_server_client.session() as session:
+        assert await session.add(2) == 2
+    assert statuses == [Status.OK, Status.OK]

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterable
 from typing import IO, NoReturn
 
@@ -19,6 +21,7 @@ from .accumulator import check_int32
 from .client import NumberClient
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 class InputError(ValueError):
@@ -31,12 +34,12 @@ def _fail(message: str, code: int) -> NoReturn:
 
 
 def _parse(text: str, where: str) -> int:
+    if not _INTEGER.fullmatch(text):
+        raise InputError(f"{where}: {text!r} is not an integer")
     try:
         return check_int32(int(text))
     except ValueError as err:
-        if text.strip().lstrip("+-").isdigit():
-            raise InputError(f"{where}: {err}") from None
-        raise InputError(f"{where}: {text!r} is not an integer") from None
+        raise InputError(f"{where}: {err}") from None
 
 
 def _from_args(args: Iterable[str]) -> list[int]:
@@ -44,9 +47,40 @@ def _from_args(args: Iterable[str]) -> list[int]:
 
 
 async def _from_lines(stream: IO[str]) -> AsyncIterator[int]:
-    """One integer per line, read as it comes so that a pipe streams; blank lines skip."""
+    """One integer per line, read as it comes so that a pipe streams; blank lines skip.
+
+    A daemon thread does the blocking reads: when the call fails or Ctrl-C comes
+    while stdin is still open, the command exits instead of waiting for a line
+    (``asyncio.to_thread`` would hold ``asyncio.run`` until the read returned).
+    """
+    loop = asyncio.get_running_loop()
+    lines: asyncio.Queue[str | InputError] = asyncio.Queue()
+    room = threading.Semaphore(1024)  # lines read ahead of the sender, at most
+
+    def hand_over(item: str | InputError) -> bool:
+        room.acquire()
+        try:
+            loop.call_soon_threadsafe(lines.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the command is over
+            return False
+        return True
+
+    def pump() -> None:
+        try:
+            for line in stream:
+                if not hand_over(line):
+                    return
+        except (OSError, ValueError) as err:  # unreadable or undecodable stdin
+            hand_over(InputError(f"stdin: {err}"))
+        else:
+            hand_over("")
+
+    threading.Thread(target=pump, name="stdin", daemon=True).start()
     lineno = 0
-    while line := await asyncio.to_thread(stream.readline):
+    while line := await lines.get():
+        room.release()
+        if isinstance(line, InputError):
+            raise line
         lineno += 1
         if line.strip():
             yield _parse(line.strip(), f"line {lineno}")
@@ -105,6 +139,8 @@ def accumulate(host: str, port: int, timeout: float | None, numbers: tuple[str, 
         _fail(str(err), 2)
     except GRPCError as err:
         _fail(f"{err.status.name}: {err.message}", 1)
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
 
 
 async def _accumulate(

@@ -184,6 +184,9 @@ class Session:
         if not self._closed:
             self._closed = True
             await self._call.end()
+            # Also reads the response headers, which a session with no add() lacks.
+            if await self._call.recv_message() is not None:
+                raise GRPCError(Status.INTERNAL, "server answered a request never sent")
             await self._call.recv_trailing_metadata()
 
 

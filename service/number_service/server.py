@@ -12,6 +12,7 @@ port 0 works, and logs one line with the address it listens on.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 
 from grpclib.server import Server
@@ -41,7 +42,8 @@ def bind(host: str, port: int) -> socket.socket:
         family, _, _, _, address = infos[0]
         return socket.create_server(address[:2], family=family, backlog=128)
     except OSError as err:
-        raise OSError(err.errno, f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise OSError(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 def address_of(sock: socket.socket) -> tuple[str, int]:

@@ -1,0 +1,65 @@
+"""grpcio code for proto/tutorial/number.proto, generated for a test run only.
+
+grpcio (Google's gRPC for Python) is the foreign peer of our interop tests and
+protobuf's parser the reference for our codec; nothing generated here is kept.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from grpc_tools import protoc
+
+PROTO_ROOT = Path(__file__).resolve().parents[1] / "proto"
+PROTO_FILE = "tutorial/number.proto"
+
+
+@dataclass(frozen=True)
+class Grpcio:
+    """The grpcio modules generated for number.proto."""
+
+    pb2: ModuleType
+    pb2_grpc: ModuleType
+
+
+@contextmanager
+def _importing_from(path: Path, package: str) -> Iterator[None]:
+    """Import ``package`` from ``path``; afterwards sys.path and sys.modules are as before."""
+
+    def loaded() -> list[str]:
+        return [name for name in sys.modules if name == package or name.startswith(f"{package}.")]
+
+    saved = {name: sys.modules.pop(name) for name in loaded()}
+    sys.path.insert(0, str(path))
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        sys.path.remove(str(path))
+        for name in loaded():
+            del sys.modules[name]
+        sys.modules.update(saved)
+
+
+def generate(out: Path) -> Grpcio:
+    """Run grpcio-tools' protoc into ``out`` and import what it wrote."""
+    status = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"--proto_path={PROTO_ROOT}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            str(PROTO_ROOT / PROTO_FILE),
+        ]
+    )
+    assert status == 0, f"grpc_tools.protoc failed with {status}"
+    with _importing_from(out, package="tutorial"):
+        pb2 = importlib.import_module("tutorial.number_pb2")
+        pb2_grpc = importlib.import_module("tutorial.number_pb2_grpc")
+    return Grpcio(pb2, pb2_grpc)
