@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 
 import pytest
 from grpcio_peer import Grpcio, generate
+from hypothesis import settings
+
+# CI must be reproducible: the same examples every run, no example database.
+# Locally, hypothesis keeps exploring and remembers what failed.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")

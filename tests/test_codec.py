@@ -35,9 +35,9 @@ def varint(value: int) -> bytes:
 def wire_messages(draw: st.DrawFn) -> bytes:
     """Byte strings shaped like protobuf: mostly well-formed fields, sometimes not."""
     parts = []
-    for _ in range(draw(st.integers(0, 6))):
+    for _ in range(draw(st.integers(0, 8))):
         field = draw(st.sampled_from([0, 1, 1, 1, 2, 15, 16, 2**29 - 1, 2**29]))
-        wire_type = draw(st.integers(0, 7))
+        wire_type = draw(st.sampled_from([0, 0, 1, 2, 2, 3, 3, 4, 4, 5, 6, 7]))
         parts.append(varint((field << 3) | wire_type))
         if wire_type == 0:
             parts.append(varint(draw(st.integers(-(2**63), 2**64 - 1))))
@@ -105,6 +105,7 @@ def test_accepts_and_rejects_exactly_like_google(pb2: ModuleType, data: bytes) -
         b"\x88\x80\x80\x80\x80\x00\x05",  # tag over 5 bytes
         b"\xf8\xff\xff\xff\x1f\x01",  # tag over 32 bits
         b"\x00\x01",  # field 0
+        b"\x03\x04",  # a group with field number 0
         b"\x0e",  # wire type 6
         b"\x0f",  # wire type 7
         b"\x12\x05ab",  # length runs past the end (betterproto accepts this)
@@ -132,6 +133,7 @@ def test_rejects_what_google_rejects(pb2: ModuleType, data: bytes) -> None:
         (b"\x08\xff\xff\xff\xff\x07", INT32_MAX),
         (b"\x08\x80\x80\x80\x80\x08", INT32_MIN),  # 2**31 as a 5-byte varint
         (b"\x0b" * 100 + b"\x0c" * 100, 0),
+        (b"\x0b\x00\x00\x0c", 0),  # field 0 inside a skipped group passes, as in upb
     ],
 )
 def test_reads_what_google_reads(pb2: ModuleType, data: bytes, num: int) -> None:

@@ -10,7 +10,8 @@ does, so NumberRequest and NumberResponse (one int32 field each) are read here:
 - every other field, and field 1 with another wire type, is skipped as unknown,
   groups included (nested at most 100 deep);
 - rejected with :class:`DecodeError`: a truncated or over-long varint (a tag over
-  5 bytes or 32 bits, a value over 10 bytes), field number 0, wire types 6 and 7,
+  5 bytes or 32 bits, a value over 10 bytes), field number 0 outside a group,
+  wire types 6 and 7,
   an unmatched end-group, a length or fixed field that runs past the end.
 
 Encoding writes the same bytes as betterproto and protobuf (property-tested),
@@ -64,7 +65,7 @@ def decode_int32_field(data: bytes) -> int:
         if tag > 0xFFFFFFFF:
             raise DecodeError("tag does not fit 32 bits")
         field, wire_type = tag >> 3, tag & 7
-        if field == 0:
+        if field == 0 and not groups:  # inside a skipped group upb lets it pass
             raise DecodeError("field number 0")
         if wire_type == 0:
             number, pos = _varint(data, pos, 10)
