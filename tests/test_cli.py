@@ -7,6 +7,7 @@ the virtualenv that runs the tests.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import importlib.metadata
 import os
@@ -23,6 +24,10 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from number_service import NumberClient
 
 EXE = Path(sys.executable).parent / "number-service"
 HOST = "127.0.0.1"
@@ -479,3 +484,25 @@ def test_no_command_is_a_usage_error() -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "Usage:" in result.stderr
+
+
+# --- the client library against a server process that dies ---------------------------
+
+
+async def test_client_gets_unavailable_when_the_server_is_killed() -> None:
+    """SIGKILL mid-stream: the client raises UNAVAILABLE promptly instead of hanging."""
+    srv = _start_server()
+    try:
+        async with NumberClient(HOST, srv.port) as client:
+            got: list[int] = []
+            with pytest.raises(GRPCError) as caught:
+                async with asyncio.timeout(LINE_TIMEOUT), client.session() as session:
+                    got.append(await session.add(1))
+                    srv.proc.kill()
+                    srv.proc.wait(EXIT_TIMEOUT)
+                    while True:  # the first sends may still reach the socket buffer
+                        got.append(await session.add(1))
+        assert got[0] == 1
+        assert caught.value.status is Status.UNAVAILABLE
+    finally:
+        _reap(srv.proc)

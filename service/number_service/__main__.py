@@ -1,0 +1,5 @@
+"""``python -m number_service``: the same as the ``number-service`` command."""
+
+from .cli import main
+
+main(prog_name="number-service")
