@@ -77,9 +77,14 @@ def test_encoding_is_byte_identical(pb2: ModuleType, n: int) -> None:
     encoded = encode_int32_field(n)
     assert encoded == bytes(NumberRequest(num=n)) == bytes(NumberResponse(sum=n))
     assert encoded == pb2.NumberRequest(num=n).SerializeToString()
+    assert encoded == pb2.NumberResponse(sum=n).SerializeToString()
     codec = NumberCodec()
     assert codec.encode(NumberResponse(sum=n), NumberResponse) == encoded
     assert codec.encode(NumberRequest(num=n), NumberRequest) == encoded
+    # Each side reads the other's bytes back to the same value.
+    assert pb2.NumberRequest.FromString(encoded).num == n
+    assert pb2.NumberResponse.FromString(encoded).sum == n
+    assert NumberRequest().parse(encoded).num == n
 
 
 @given(int32s)

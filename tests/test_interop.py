@@ -5,8 +5,9 @@ temporary directory; nothing generated for grpcio is kept in the repository.
 
 * grpcio client -> our grpclib server (the sync client runs in a worker thread,
   because our server runs on the test's event loop);
-* our :class:`NumberClient` -> a grpcio server with an independent reference servicer;
-* wire compatibility of the messages, betterproto against protobuf, with hypothesis.
+* our :class:`NumberClient` -> a grpcio server with an independent reference servicer.
+
+Byte-level compatibility of the messages is in test_codec.py.
 """
 
 from __future__ import annotations
@@ -26,12 +27,10 @@ import pytest_asyncio
 from grpcio_peer import Grpcio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from hypothesis import example, given
 from hypothesis import strategies as st
 
 from number_service import ACCUMULATE_NUMBERS, NumberClient
 from number_service.pytest_plugin import RunningServer
-from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 INT32_MIN = -(2**31)
 INT32_MAX = 2**31 - 1
@@ -380,36 +379,3 @@ async def test_our_client_deadline_session(stalling_client: NumberClient) -> Non
     assert info.value.status is Status.DEADLINE_EXCEEDED
     assert sums == [5]
     assert 0.4 <= elapsed < 5
-
-
-# --- wire compatibility -----------------------------------------------------------------
-
-
-@given(n=int32s)
-@example(n=0)
-@example(n=1)
-@example(n=-1)
-@example(n=INT32_MAX)
-@example(n=INT32_MIN)
-def test_wire_request(grpcio_gen: Grpcio, n: int) -> None:
-    """NumberRequest: same bytes from both libraries, each parses the other's."""
-    ours = bytes(NumberRequest(num=n))
-    theirs = grpcio_gen.pb2.NumberRequest(num=n).SerializeToString()
-    assert ours == theirs
-    assert grpcio_gen.pb2.NumberRequest.FromString(ours).num == n
-    assert NumberRequest().parse(theirs).num == n
-
-
-@given(n=int32s)
-@example(n=0)
-@example(n=1)
-@example(n=-1)
-@example(n=INT32_MAX)
-@example(n=INT32_MIN)
-def test_wire_response(grpcio_gen: Grpcio, n: int) -> None:
-    """NumberResponse: same bytes from both libraries, each parses the other's."""
-    ours = bytes(NumberResponse(sum=n))
-    theirs = grpcio_gen.pb2.NumberResponse(sum=n).SerializeToString()
-    assert ours == theirs
-    assert grpcio_gen.pb2.NumberResponse.FromString(ours).sum == n
-    assert NumberResponse().parse(theirs).sum == n
