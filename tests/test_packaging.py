@@ -47,11 +47,12 @@ def test_typed_packages(wheel: zipfile.ZipFile) -> None:
     assert "number_service/py.typed" in names
     assert "number_service_gen/py.typed" in names
     assert "number_service_gen/tutorial/__init__.py" in names
+    assert "number_service_gen/descriptors.binpb" in names  # for server reflection
 
 
 def test_console_script_and_pytest_plugin(wheel: zipfile.ZipFile) -> None:
     (entry_points,) = [n for n in wheel.namelist() if n.endswith("entry_points.txt")]
     text = wheel.read(entry_points).decode()
-    assert "number-service = number_service.cli:main" in text
+    assert "number-service = number_service.cli:run" in text
     assert "[pytest11]" in text
     assert "number_service = number_service.pytest_plugin" in text

@@ -1,5 +1,8 @@
 """Generate gen/ from proto/ with betterproto, or check that gen/ is current.
 
+gen/number_service_gen/ gets the betterproto package and descriptors.binpb, the
+FileDescriptorSet that server reflection serves.
+
     python tools/codegen.py           # rewrite gen/number_service_gen
     python tools/codegen.py --check   # exit 1 if gen/ differs from proto/
 
@@ -22,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 PACKAGE = "number_service_gen"
 TARGET = ROOT / "gen" / PACKAGE
+DESCRIPTORS = "descriptors.binpb"  # a FileDescriptorSet of every .proto, for reflection
 
 
 def generate(out: Path) -> None:
@@ -38,6 +42,9 @@ def generate(out: Path) -> None:
             "grpc_tools.protoc",
             f"-I{PROTO_DIR}",
             f"--python_betterproto_out={out}",
+            # Descriptors for server reflection: betterproto registers none.
+            f"--descriptor_set_out={out / DESCRIPTORS}",
+            "--include_imports",
             *protos,
         ],
         cwd=PROTO_DIR,

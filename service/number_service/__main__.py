@@ -1,5 +1,5 @@
 """``python -m number_service``: the same as the ``number-service`` command."""
 
-from .cli import main
+from .cli import run
 
-main(prog_name="number-service")
+run()

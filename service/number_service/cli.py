@@ -6,7 +6,6 @@ Exit codes: 0 success, 1 the call or the server failed, 2 bad input or usage.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import sys
 import threading
@@ -16,7 +15,7 @@ from typing import IO, NoReturn
 import click
 from grpclib.exceptions import GRPCError
 
-from . import server
+from . import logs, server
 from .accumulator import check_int32
 from .client import NumberClient
 
@@ -86,36 +85,93 @@ async def _from_lines(stream: IO[str]) -> AsyncIterator[int]:
             yield _parse(line.strip(), f"line {lineno}")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+ENV_PREFIX = "NUMBER_SERVICE_"
+
+
+def _env(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="number-service", prog_name="number-service")
 def main() -> None:
     """NumberService: a gRPC bidirectional stream that answers each number with the sum so far."""
 
 
-@main.command()
-@click.option("--host", default=server.DEFAULT_HOST, show_default=True, help="Address to bind.")
+@main.command(context_settings={"show_default": True})
+@click.option(
+    "--host",
+    default=server.DEFAULT_HOST,
+    envvar=_env("host"),
+    show_envvar=True,
+    help="Address to listen on; 0.0.0.0 or :: for all interfaces.",
+)
 @click.option(
     "--port",
     type=click.IntRange(0, 65535),
     default=server.DEFAULT_PORT,
-    show_default=True,
+    envvar=_env("port"),
+    show_envvar=True,
     help="TCP port; 0 picks a free one (the ready line says which).",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=server.DEFAULT_GRACE,
+    envvar=_env("grace"),
+    show_envvar=True,
+    help="Seconds in-flight streams get to finish after SIGTERM/SIGINT; "
+    "those left then end with UNAVAILABLE.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    envvar=_env("metrics_port"),
+    show_envvar=True,
+    help="Serve Prometheus metrics at http://METRICS_HOST:PORT/metrics [default: off].",
+)
+@click.option(
+    "--metrics-host",
+    default=server.DEFAULT_HOST,
+    envvar=_env("metrics_host"),
+    show_envvar=True,
+    help="Address for the metrics endpoint.",
 )
 @click.option(
     "--log-level",
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
     default="info",
-    show_default=True,
+    envvar=_env("log_level"),
+    show_envvar=True,
+    help="info: start, stop and one line per finished stream.",
 )
-def serve(host: str, port: int, log_level: str) -> None:
-    """Run the server in the foreground until SIGINT or SIGTERM."""
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"], case_sensitive=False),
+    default="text",
+    envvar=_env("log_format"),
+    show_envvar=True,
+    help="json: one JSON object per line.",
+)
+def serve(
+    host: str,
+    port: int,
+    grace: float,
+    metrics_port: int | None,
+    metrics_host: str,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """Run the server in the foreground until SIGTERM or SIGINT, then drain and exit 0.
+
+    Every option can also be set by its environment variable; an option given on
+    the command line wins.
+    """
+    logs.configure(log_level, "json" if log_format.lower() == "json" else "text")
+    config = server.ServeConfig(host, port, grace, metrics_host, metrics_port)
     try:
-        asyncio.run(server.serve(host, port))
+        asyncio.run(server.serve(config))
     except OSError as err:
         _fail(str(err), 1)
 
@@ -150,3 +206,19 @@ async def _accumulate(
         async for total in client.accumulate(source):
             click.echo(total)
             sys.stdout.flush()
+
+
+def run() -> None:
+    """The console script: like ``main``, with usage errors on one line."""
+    try:
+        main.main(prog_name="number-service", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as err:
+        click.echo(err.format_message(), err=True)
+        sys.exit(2)
+    except click.UsageError as err:
+        hint = f" (see: {err.ctx.command_path} --help)" if err.ctx else ""
+        _fail(f"{err.format_message()}{hint}", 2)
+    except click.ClickException as err:
+        _fail(err.format_message(), err.exit_code)
+    except click.Abort:
+        _fail("interrupted", 130)

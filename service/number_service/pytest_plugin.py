@@ -34,16 +34,21 @@ else:
 
     from .client import NumberClient
     from .codec import NumberCodec
-    from .server import address_of, bind, create_server
+    from .server import NumberServer, address_of, bind
     from .service import NumberService
 
     @dataclass(frozen=True)
     class RunningServer:
-        """A started server: where it listens, and the grpclib Server itself."""
+        """A started server: where it listens, and the server itself."""
 
         host: str
         port: int
-        server: Server
+        instance: NumberServer
+
+        @property
+        def server(self) -> Server:
+            """The grpclib Server, e.g. for ``grpclib.events.listen``."""
+            return self.instance.server
 
     @pytest_asyncio.fixture
     async def number_client() -> AsyncIterator[NumberClient]:
@@ -53,16 +58,16 @@ else:
 
     @pytest_asyncio.fixture
     async def number_server() -> AsyncIterator[RunningServer]:
-        """A real grpclib server on an ephemeral 127.0.0.1 port, closed afterwards."""
+        """A real server (with health, reflection and metrics) on an ephemeral
+        127.0.0.1 port; shut down afterwards, ending streams left with UNAVAILABLE."""
         sock = bind("127.0.0.1", 0)
-        server = create_server()
-        await server.start(sock=sock)
+        instance = NumberServer.build()
+        await instance.start(sock)
         host, port = address_of(sock)
         try:
-            yield RunningServer(host, port, server)
+            yield RunningServer(host, port, instance)
         finally:
-            server.close()
-            await server.wait_closed()
+            await instance.shutdown(grace=0)
 
     @pytest_asyncio.fixture
     async def number_server_client(number_server: RunningServer) -> AsyncIterator[NumberClient]:

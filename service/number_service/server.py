@@ -1,35 +1,96 @@
-"""Build and run a grpclib server for NumberService; importable for embedding.
+"""Build and run the NumberService server: health, reflection, metrics, logs, drain.
 
     server = create_server()
     with graceful_exit([server]):
         await server.start(host, port)
         await server.wait_closed()
 
-or simply ``await serve(host, port)``, which does the same, binds first so that
-port 0 works, and logs one line with the address it listens on.
+is the plain grpclib way, and works. ``await serve(ServeConfig(...))`` is what the
+``number-service serve`` command runs: it adds what an operator needs, including a
+graceful drain that grpclib's ``graceful_exit`` lacks (grpclib issues #107, #148).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import socket
+from dataclasses import dataclass, field
 
+from grpclib.health.check import ServiceStatus
+from grpclib.health.service import Health
 from grpclib.server import Server
-from grpclib.utils import graceful_exit
 
 from .codec import NumberCodec
-from .service import NumberService
+from .logs import log_stream_end
+from .metrics import Metrics, MetricsEndpoint
+from .reflection import with_reflection
+from .service import ACCUMULATE_NUMBERS, NumberService
+from .streams import Streams
 
 log = logging.getLogger("number_service")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
+DEFAULT_GRACE = 10.0
 
 
 def create_server() -> Server:
     """A grpclib Server with a fresh NumberService and the strict codec, not started."""
     return Server([NumberService()], codec=NumberCodec())
+
+
+@dataclass
+class ServeConfig:
+    """Everything ``serve`` needs; the CLI fills it from flags and environment."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    grace: float = DEFAULT_GRACE  # seconds in-flight streams get to finish on shutdown
+    metrics_host: str = DEFAULT_HOST
+    metrics_port: int | None = None  # None: no metrics endpoint
+
+
+@dataclass
+class NumberServer:
+    """A NumberService server with health, reflection, stream tracking and metrics."""
+
+    server: Server
+    streams: Streams
+    health: ServiceStatus
+    metrics: Metrics = field(default_factory=Metrics)
+
+    @classmethod
+    def build(cls) -> NumberServer:
+        number = NumberService()
+        health = ServiceStatus()
+        services = with_reflection([number, Health({number: [health]})])
+        server = Server(services, codec=NumberCodec())
+        streams = Streams(server, services, drained=[ACCUMULATE_NUMBERS])
+        streams.on_end.append(log_stream_end)
+        built = cls(server, streams, health)
+        built.metrics.attach(server, streams)
+        return built
+
+    async def start(self, sock: socket.socket) -> None:
+        await self.server.start(sock=sock)
+        self.health.set(True)
+
+    async def shutdown(self, grace: float) -> None:
+        """Drain: NOT_SERVING, no new connections or streams, in-flight streams get
+        ``grace`` seconds to finish; those left end with UNAVAILABLE."""
+        self.health.set(False)
+        # grpclib has no public way to stop listening alone; close() would also
+        # cancel every stream at once. Its asyncio server is in _server.
+        if self.server._server is not None:
+            self.server._server.close()
+        ended = await self.streams.drain(grace)
+        if ended:
+            log.warning("grace period over: ended %d stream(s) with UNAVAILABLE", ended)
+        self.server.close()
+        await self.server.wait_closed()
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -52,15 +113,37 @@ def address_of(sock: socket.socket) -> tuple[str, int]:
     return str(host), int(port)
 
 
-async def serve(
-    host: str = DEFAULT_HOST,
-    port: int = DEFAULT_PORT,
-) -> None:
-    """Serve until SIGINT or SIGTERM (call it in the main thread), then return."""
-    sock = bind(host, port)
-    server = create_server()
-    with graceful_exit([server]):
-        await server.start(sock=sock)
+async def serve(config: ServeConfig | None = None) -> None:
+    """Serve until SIGINT or SIGTERM, then drain and return (call in the main thread).
+
+    A second signal during the drain cuts the grace period short.
+    """
+    config = ServeConfig() if config is None else config
+    sock = bind(config.host, config.port)
+    built = NumberServer.build()
+    endpoint = None
+    if config.metrics_port is not None:
+        endpoint = MetricsEndpoint(built.metrics, config.metrics_host, config.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, endpoint.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _on_signal, stop, built.streams)
+    try:
+        await built.start(sock)
         log.info("listening on %s:%d", *address_of(sock))
-        await server.wait_closed()
+        await stop.wait()
+        log.info("draining: up to %g s for %d stream(s)", config.grace, len(built.streams.live()))
+        await built.shutdown(config.grace)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        if endpoint is not None:
+            await endpoint.close()
     log.info("stopped")
+
+
+def _on_signal(stop: asyncio.Event, streams: Streams) -> None:
+    if stop.is_set():
+        streams.hurry()
+    stop.set()

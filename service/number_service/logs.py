@@ -1,0 +1,77 @@
+"""Logging set-up: text or JSON lines on stderr, and one line per finished stream.
+
+Expected client behaviour (cancel, disconnect, deadline, bad input) is an info
+line, never a traceback; grpclib's own per-request lines are turned down, since
+the stream line says the same with more detail.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Literal
+
+from grpclib.const import Status
+from pythonjsonlogger.json import JsonFormatter
+
+from .streams import StreamRecord
+
+LogFormat = Literal["text", "json"]
+
+log = logging.getLogger("number_service")
+stream_log = logging.getLogger("number_service.streams")
+
+# Statuses that point at the server rather than at what the client did.
+_SERVER_FAULTS = {Status.UNKNOWN, Status.INTERNAL, Status.DATA_LOSS}
+_STREAM_FIELDS = ("method", "peer", "status", "received", "sent", "duration_ms", "error")
+
+
+class _TextFormatter(logging.Formatter):
+    """``time level logger message key=value ...`` with the stream fields, if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        pairs = [
+            f"{key}={getattr(record, key)}"
+            for key in _STREAM_FIELDS
+            if getattr(record, key, None) is not None
+        ]
+        return " ".join([line, *pairs])
+
+
+def configure(level: str = "info", fmt: LogFormat = "text") -> None:
+    """Send our logs to stderr at ``level``, as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # grpclib logs each cancelled request at info; our stream line covers it.
+    grpclib_level = logging.DEBUG if level.lower() == "debug" else logging.WARNING
+    logging.getLogger("grpclib").setLevel(grpclib_level)
+
+
+def log_stream_end(record: StreamRecord) -> None:
+    """One line per finished stream: who, what, how many messages, how long, status."""
+    status = record.status or Status.UNKNOWN
+    stream_log.log(
+        logging.WARNING if status in _SERVER_FAULTS else logging.INFO,
+        "stream ended",
+        extra={
+            "method": record.method,
+            "peer": record.peer,
+            "status": status.name,
+            "received": record.received,
+            "sent": record.sent,
+            "duration_ms": round(record.duration * 1000, 3),
+            "error": record.message if status is not Status.OK else None,
+        },
+    )

@@ -1,0 +1,141 @@
+"""Prometheus metrics with go-grpc-prometheus's names and labels, so dashboards work.
+
+Fed by :class:`~number_service.streams.Streams` (grpclib's event hooks), kept in a
+registry of their own (several servers may share a process, as in tests) and
+served over HTTP at ``/metrics`` by prometheus-client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from grpclib import events
+from grpclib.const import Status
+from grpclib.server import Server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from .streams import StreamRecord, Streams
+
+# grpc-go's codes.Code.String(), the grpc_code label values dashboards expect.
+GO_CODE_NAMES = {
+    Status.OK: "OK",
+    Status.CANCELLED: "Canceled",
+    Status.UNKNOWN: "Unknown",
+    Status.INVALID_ARGUMENT: "InvalidArgument",
+    Status.DEADLINE_EXCEEDED: "DeadlineExceeded",
+    Status.NOT_FOUND: "NotFound",
+    Status.ALREADY_EXISTS: "AlreadyExists",
+    Status.PERMISSION_DENIED: "PermissionDenied",
+    Status.RESOURCE_EXHAUSTED: "ResourceExhausted",
+    Status.FAILED_PRECONDITION: "FailedPrecondition",
+    Status.ABORTED: "Aborted",
+    Status.OUT_OF_RANGE: "OutOfRange",
+    Status.UNIMPLEMENTED: "Unimplemented",
+    Status.INTERNAL: "Internal",
+    Status.UNAVAILABLE: "Unavailable",
+    Status.DATA_LOSS: "DataLoss",
+    Status.UNAUTHENTICATED: "Unauthenticated",
+}
+
+# prometheus.DefBuckets, which go-grpc-prometheus's handling-time histogram uses.
+GO_DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+
+class Metrics:
+    """The server-side gRPC metrics of go-grpc-prometheus, plus streams in flight."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = CollectorRegistry() if registry is None else registry
+        reg = self.registry
+        self.started = Counter(
+            "grpc_server_started_total", "RPCs started on the server.", _LABELS, registry=reg
+        )
+        self.handled = Counter(
+            "grpc_server_handled_total",
+            "RPCs completed on the server, regardless of success or failure.",
+            (*_LABELS, "grpc_code"),
+            registry=reg,
+        )
+        self.received = Counter(
+            "grpc_server_msg_received_total",
+            "Stream messages received by the server.",
+            _LABELS,
+            registry=reg,
+        )
+        self.sent = Counter(
+            "grpc_server_msg_sent_total",
+            "Stream messages sent by the server.",
+            _LABELS,
+            registry=reg,
+        )
+        self.seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Response latency (seconds) of gRPC that had been application-level "
+            "handled by the server.",
+            _LABELS,
+            buckets=GO_DEFAULT_BUCKETS,
+            registry=reg,
+        )
+        self.in_flight = Gauge(
+            "grpc_server_streams_in_flight",
+            "Streams open on the server now.",
+            _LABELS,
+            registry=reg,
+        )
+
+    def attach(self, server: Server, streams: Streams) -> None:
+        """Count what ``streams`` sees on ``server``; call before the server starts."""
+        streams.on_start.append(self._start)
+        streams.on_end.append(self._end)
+
+        async def received(event: events.RecvMessage) -> None:
+            if record := streams.current():
+                self.received.labels(*_values(record)).inc()
+
+        async def sent(event: events.SendMessage) -> None:
+            if record := streams.current():
+                self.sent.labels(*_values(record)).inc()
+
+        events.listen(server, events.RecvMessage, received)
+        events.listen(server, events.SendMessage, sent)
+
+    def _start(self, record: StreamRecord) -> None:
+        self.started.labels(*_values(record)).inc()
+        self.in_flight.labels(*_values(record)).inc()
+
+    def _end(self, record: StreamRecord) -> None:
+        labels = _values(record)
+        self.in_flight.labels(*labels).dec()
+        code = GO_CODE_NAMES[record.status or Status.UNKNOWN]
+        self.handled.labels(*labels, code).inc()
+        self.seconds.labels(*labels).observe(record.duration)
+
+
+def _values(record: StreamRecord) -> tuple[str, str, str]:
+    return record.grpc_type, record.service, record.method_name
+
+
+class MetricsEndpoint:
+    """``/metrics`` over HTTP on a thread of its own, as prometheus-client serves it."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        self._httpd: WSGIServer
+        self._thread: threading.Thread
+        try:
+            self._httpd, self._thread = start_http_server(port, host, metrics.registry)
+        except OSError as err:
+            reason = err.strerror or str(err)
+            raise OSError(f"cannot serve metrics on {host}:{port}: {reason}") from None
+
+    @property
+    def port(self) -> int:
+        return int(self._httpd.server_address[1])
+
+    async def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        await asyncio.to_thread(self._thread.join, 5)

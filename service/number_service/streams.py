@@ -1,0 +1,195 @@
+"""Follow every server stream through grpclib's event hooks, for drain, metrics and logs.
+
+One :class:`StreamRecord` per stream, from the request to the end of its handler
+task: method, peer, messages each way, final status. The end is the task's done
+callback, so a stream that the client cancels or drops (no trailers are sent) is
+seen to end too, as CANCELLED.
+
+:class:`Streams` also carries out a graceful shutdown's stream side: refuse new
+streams while draining, wait for those in flight, and end what is left with
+UNAVAILABLE and a message instead of cutting it off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from grpclib import events
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.exceptions import GRPCError
+from grpclib.server import Server
+
+_SHUTDOWN = "number-service: grace period over"
+
+_TYPES = {
+    Cardinality.UNARY_UNARY: "unary",
+    Cardinality.UNARY_STREAM: "server_stream",
+    Cardinality.STREAM_UNARY: "client_stream",
+    Cardinality.STREAM_STREAM: "bidi_stream",
+}
+
+
+@dataclass
+class StreamRecord:
+    """What is known of one server stream; ``status`` is None until it ends."""
+
+    method: str  # "/package.Service/Method"
+    grpc_type: str  # "unary", "server_stream", "client_stream", "bidi_stream"
+    peer: str
+    started: float = field(default_factory=time.monotonic)
+    received: int = 0
+    sent: int = 0
+    status: Status | None = None
+    message: str | None = None
+    ended: float | None = None
+
+    @property
+    def service(self) -> str:
+        return self.method.split("/")[1]
+
+    @property
+    def method_name(self) -> str:
+        return self.method.split("/")[2]
+
+    @property
+    def duration(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+
+Listener = Callable[[StreamRecord], None]
+
+
+class Servable(Protocol):
+    """What grpclib serves: generated service bases, Health, ServerReflection."""
+
+    def __mapping__(self) -> Mapping[str, Handler]: ...
+
+
+class Streams:
+    """Stream records of one server, and its drain; attach before it starts."""
+
+    def __init__(
+        self,
+        server: Server,
+        services: Collection[Servable],
+        *,
+        drained: Collection[str] = (),
+    ) -> None:
+        """Follow ``server``, which serves ``services``. ``drained``: method paths whose
+        streams a drain waits for; others, such as health Watch streams, never end
+        by themselves and are left to ``Server.close()``."""
+        self._types = {
+            path: _TYPES[handler.cardinality]
+            for service in services
+            for path, handler in service.__mapping__().items()
+        }
+        self._drained = frozenset(drained)
+        self._live: dict[asyncio.Task[object], StreamRecord] = {}
+        self._quiet = asyncio.Event()
+        self._quiet.set()
+        self._hurry = asyncio.Event()
+        self.draining = False
+        self.on_start: list[Listener] = []
+        self.on_end: list[Listener] = []
+        events.listen(server, events.RecvRequest, self._recv_request)
+        events.listen(server, events.RecvMessage, self._recv_message)
+        events.listen(server, events.SendMessage, self._send_message)
+        events.listen(server, events.SendTrailingMetadata, self._send_trailers)
+
+    def live(self) -> list[StreamRecord]:
+        """Records of the streams in flight now."""
+        return list(self._live.values())
+
+    # grpclib event listeners: each runs inside the stream's handler task.
+
+    async def _recv_request(self, event: events.RecvRequest) -> None:
+        if self.draining:
+            raise GRPCError(
+                Status.UNAVAILABLE, "server is shutting down; retry on another connection"
+            )
+        task = asyncio.current_task()
+        assert task is not None
+        addr = event.peer.addr()
+        record = StreamRecord(
+            method=event.method_name,
+            grpc_type=self._types.get(event.method_name, "unknown"),
+            peer=f"{addr[0]}:{addr[1]}" if addr else "unknown",
+        )
+        self._live[task] = record
+        if event.method_name in self._drained:
+            self._quiet.clear()
+        task.add_done_callback(self._task_done)
+        event.method_func = _unavailable_on_shutdown(event.method_func)
+        for listener in self.on_start:
+            listener(record)
+
+    async def _recv_message(self, event: events.RecvMessage) -> None:
+        if record := self.current():
+            record.received += 1
+
+    async def _send_message(self, event: events.SendMessage) -> None:
+        if record := self.current():
+            record.sent += 1
+
+    async def _send_trailers(self, event: events.SendTrailingMetadata) -> None:
+        if record := self.current():
+            record.status = event.status
+            record.message = event.status_message
+
+    def current(self) -> StreamRecord | None:
+        """The record of the stream whose handler task is running now, if any."""
+        task = asyncio.current_task()
+        return self._live.get(task) if task is not None else None
+
+    def _task_done(self, task: asyncio.Task[object]) -> None:
+        record = self._live.pop(task)
+        record.ended = time.monotonic()
+        if record.status is None:  # no trailers went out: the client went away
+            record.status = Status.CANCELLED
+        if not any(r.method in self._drained for r in self._live.values()):
+            self._quiet.set()
+        for listener in self.on_end:
+            listener(record)
+
+    def hurry(self) -> None:
+        """Cut a drain's grace period short (a second signal, say)."""
+        self._hurry.set()
+
+    async def drain(self, grace: float) -> int:
+        """Refuse new streams, wait up to ``grace`` s for drained ones in flight,
+        then end those left with UNAVAILABLE. Returns how many were ended so."""
+        self.draining = True
+        waits = [asyncio.ensure_future(event.wait()) for event in (self._quiet, self._hurry)]
+        await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        for wait in waits:
+            wait.cancel()
+        left = [task for task, record in self._live.items() if record.method in self._drained]
+        for task in left:
+            task.cancel(_SHUTDOWN)
+        if left:
+            await asyncio.wait(left)
+        return len(left)
+
+
+def _unavailable_on_shutdown(method_func: Callable[[Any], Awaitable[None]]) -> Any:
+    """Turn the drain's cancellation into an UNAVAILABLE status the client can act on."""
+
+    async def handle(stream: Any) -> None:
+        try:
+            await method_func(stream)
+        except asyncio.CancelledError as err:
+            task = asyncio.current_task()
+            if err.args != (_SHUTDOWN,) or task is None:
+                raise
+            task.uncancel()
+            raise GRPCError(
+                Status.UNAVAILABLE,
+                "server shut down before this stream finished; "
+                "the sums so far are valid, start a new stream to continue",
+            ) from None
+
+    return handle
