@@ -27,7 +27,7 @@ READY_TIMEOUT = 20.0  # seconds for `serve` to print its ready line
 RUN_TIMEOUT = 30.0  # seconds for a whole short command
 EXIT_TIMEOUT = 5.0  # seconds for a process to exit once it has been told to
 LINE_TIMEOUT = 10.0  # seconds to wait for one line of streamed output
-READY_LINE = re.compile(r"listening on 127\.0\.0\.1:(\d+)\s*$")
+READY_LINE = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 
 
 def env_without_buffering() -> dict[str, str]:
@@ -84,6 +84,17 @@ class Lines:
                 self.seen.append(line)
         return self.text()
 
+    def wait_for(self, text: str, timeout: float = LINE_TIMEOUT) -> str:
+        """Read lines until one contains ``text``; return it (fails the test on timeout)."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            line = self.get(left)
+            if line is None:
+                break
+            if text in line:
+                return line
+        pytest.fail(f"no line with {text!r}; got so far: {self.text()!r}")
+
     def text(self) -> str:
         return "".join(self.seen)
 
@@ -113,7 +124,9 @@ def reap(proc: subprocess.Popen[str]) -> None:
             pipe.close()
 
 
-def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the command to the end; stdin is ``stdin`` or else empty, never the tty."""
     if stdin is None:
         return subprocess.run(
@@ -122,7 +135,7 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
             capture_output=True,
             text=True,
             timeout=RUN_TIMEOUT,
-            env=env_without_buffering(),
+            env={**env_without_buffering(), **(env or {})},
             check=False,
         )
     return subprocess.run(

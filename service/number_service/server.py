@@ -86,6 +86,8 @@ class NumberServer:
         # cancel every stream at once. Its asyncio server is in _server.
         if self.server._server is not None:
             self.server._server.close()
+        in_flight = len([r for r in self.streams.live() if r.method == ACCUMULATE_NUMBERS])
+        log.info("draining: not listening; up to %g s for %d stream(s)", grace, in_flight)
         ended = await self.streams.drain(grace)
         if ended:
             log.warning("grace period over: ended %d stream(s) with UNAVAILABLE", ended)
@@ -133,7 +135,6 @@ async def serve(config: ServeConfig | None = None) -> None:
         await built.start(sock)
         log.info("listening on %s:%d", *address_of(sock))
         await stop.wait()
-        log.info("draining: up to %g s for %d stream(s)", config.grace, len(built.streams.live()))
         await built.shutdown(config.grace)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):

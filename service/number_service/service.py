@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from grpclib.const import Status
@@ -14,6 +15,7 @@ from .accumulator import Accumulator, SumOutOfRangeError
 #: Full method path on the wire, identical to the Go original's.
 ACCUMULATE_NUMBERS = "/tutorial.NumberService/AccumulateNumbers"
 
+_YIELD_EVERY = 32  # responses between two turns given to the event loop
 _UNDECODABLE = "request could not be decoded as tutorial.NumberRequest: "
 
 
@@ -26,6 +28,7 @@ class NumberService(NumberServiceBase):
         # The generated handler sends each yielded response before this generator
         # resumes, so every answer goes out before the next request is read.
         acc = Accumulator()
+        answered = 0
         async for request in _decoded(number_request_iterator):
             if type(request.num) is not int:  # betterproto's own decoder lets this through
                 raise GRPCError(Status.INTERNAL, _UNDECODABLE + "num is not an int32")
@@ -34,6 +37,12 @@ class NumberService(NumberServiceBase):
             except SumOutOfRangeError as err:
                 raise GRPCError(Status.OUT_OF_RANGE, str(err)) from None
             yield NumberResponse(sum=total)
+            answered += 1
+            if answered % _YIELD_EVERY == 0:
+                # With requests buffered and send window open, grpclib's awaits all
+                # complete at once: without this, one pipelined stream could hold
+                # the event loop (other streams, cancellation) for seconds.
+                await asyncio.sleep(0)
 
 
 async def _decoded(requests: AsyncIterator[NumberRequest]) -> AsyncIterator[NumberRequest]:

@@ -46,6 +46,7 @@ class StreamRecord:
     status: Status | None = None
     message: str | None = None
     ended: float | None = None
+    cancelled: bool = False  # the handler was cancelled (client went away, or deadline)
 
     @property
     def service(self) -> str:
@@ -107,7 +108,7 @@ class Streams:
     # grpclib event listeners: each runs inside the stream's handler task.
 
     async def _recv_request(self, event: events.RecvRequest) -> None:
-        if self.draining:
+        if self.draining and event.method_name in self._drained:  # health still answers
             raise GRPCError(
                 Status.UNAVAILABLE, "server is shutting down; retry on another connection"
             )
@@ -123,7 +124,7 @@ class Streams:
         if event.method_name in self._drained:
             self._quiet.clear()
         task.add_done_callback(self._task_done)
-        event.method_func = _unavailable_on_shutdown(event.method_func)
+        event.method_func = _watched(event.method_func, record)
         for listener in self.on_start:
             listener(record)
 
@@ -137,6 +138,8 @@ class Streams:
 
     async def _send_trailers(self, event: events.SendTrailingMetadata) -> None:
         if record := self.current():
+            if record.cancelled and event.status is Status.UNKNOWN:
+                return  # a cancelled stream's would-be trailers; see _watched
             record.status = event.status
             record.message = event.status_message
 
@@ -175,8 +178,14 @@ class Streams:
         return len(left)
 
 
-def _unavailable_on_shutdown(method_func: Callable[[Any], Awaitable[None]]) -> Any:
-    """Turn the drain's cancellation into an UNAVAILABLE status the client can act on."""
+def _watched(method_func: Callable[[Any], Awaitable[None]], record: StreamRecord) -> Any:
+    """The handler, noting a cancellation, and turning the drain's into UNAVAILABLE.
+
+    When a client cancels or disconnects, grpclib cancels the handler and then
+    reports trailers of UNKNOWN "Internal Server Error" that never reach the
+    client; ``cancelled`` lets the record say CANCELLED instead. A deadline
+    cancels the handler too, but its DEADLINE_EXCEEDED is real and kept.
+    """
 
     async def handle(stream: Any) -> None:
         try:
@@ -184,6 +193,7 @@ def _unavailable_on_shutdown(method_func: Callable[[Any], Awaitable[None]]) -> A
         except asyncio.CancelledError as err:
             task = asyncio.current_task()
             if err.args != (_SHUTDOWN,) or task is None:
+                record.cancelled = True
                 raise
             task.uncancel()
             raise GRPCError(
