@@ -2,7 +2,7 @@
 
 from .accumulator import INT32_MAX, INT32_MIN, Accumulator, SumOutOfRangeError, check_int32
 from .client import NumberClient, Session
-from .server import create_server, serve
+from .server import NumberServer, ServeConfig, create_server, serve
 from .service import ACCUMULATE_NUMBERS, NumberService
 
 __all__ = [
@@ -11,7 +11,9 @@ __all__ = [
     "INT32_MIN",
     "Accumulator",
     "NumberClient",
+    "NumberServer",
     "NumberService",
+    "ServeConfig",
     "Session",
     "SumOutOfRangeError",
     "check_int32",
