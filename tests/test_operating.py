@@ -367,3 +367,21 @@ def test_metrics_port_in_use_is_one_clear_line() -> None:
         result = run("serve", "--port", "0", "--metrics-port", str(port))
     assert result.returncode == 1
     assert_one_error_line(result.stderr, "metrics", f"{HOST}:{port}", "in use")
+
+
+async def test_client_disconnect_is_an_info_line_without_traceback(
+    number_server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = NumberClient(number_server.host, number_server.port)
+    with pytest.raises(GRPCError) as caught:
+        async with client.session() as session:
+            assert await session.add(1) == 1
+            client.close()  # the connection goes, mid-stream, with no goodbye for the stream
+            await session.add(1)
+    assert caught.value.status is Status.UNAVAILABLE
+    await eventually(lambda: not number_server.instance.streams.live())
+    (line,) = await wait_for_lines(caplog, 1)
+    assert line.__dict__["status"] == "CANCELLED"
+    assert line.levelno == logging.INFO
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
