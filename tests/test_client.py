@@ -11,8 +11,9 @@ from grpclib import events
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from number_service import INT32_MAX, INT32_MIN, NumberClient
+from number_service import INT32_MAX, INT32_MIN, NumberClient, NumberServer, Retry
 from number_service.pytest_plugin import RunningServer
+from number_service.server import bind
 
 
 def received_messages(server: RunningServer) -> list[object]:
@@ -153,3 +154,55 @@ async def test_metadata_reaches_the_server(number_server: RunningServer) -> None
         assert [s async for s in client.accumulate([1])] == [1]
         assert [s async for s in client.accumulate([1], metadata={"x-tenant": "b"})] == [1]
     assert got == ["a", "b"]
+
+
+async def test_retry_waits_for_a_server_that_starts_late() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    retry = Retry(attempts=50, initial_backoff=0.05, max_backoff=0.1)
+    async with NumberClient("127.0.0.1", port, retry=retry, timeout=10) as client:
+        early = asyncio.create_task(_collect(client.accumulate([1, 2, 3])))
+        await asyncio.sleep(0.3)
+        assert not early.done()  # still retrying: nothing listens yet
+        server = NumberServer.build()
+        await server.start(bind("127.0.0.1", port))
+        try:
+            assert await asyncio.wait_for(early, 10) == [1, 3, 6]
+        finally:
+            await server.shutdown(grace=0)
+
+
+async def test_retry_gives_up_with_unavailable() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    retry = Retry(attempts=3, initial_backoff=0.05, multiplier=1)
+    started = asyncio.get_running_loop().time()
+    async with NumberClient("127.0.0.1", port, retry=retry) as client:
+        with pytest.raises(GRPCError) as caught:
+            await _collect(client.accumulate([1]))
+    assert caught.value.status is Status.UNAVAILABLE
+    assert asyncio.get_running_loop().time() - started >= 2 * 0.05 * 0.8  # two waits
+
+
+async def test_retry_stays_within_the_deadline() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    retry = Retry(attempts=1000, initial_backoff=0.05, multiplier=1)
+    async with NumberClient("127.0.0.1", port, retry=retry, timeout=0.3) as client:
+        with pytest.raises(GRPCError) as caught:
+            await asyncio.wait_for(_collect(client.accumulate([1])), 5)
+    assert caught.value.status is Status.DEADLINE_EXCEEDED
+
+
+def test_retry_backoff_grows_to_its_cap() -> None:
+    delays = list(Retry(attempts=6, initial_backoff=0.1, max_backoff=0.5).delays())
+    assert len(delays) == 5
+    for delay, base in zip(delays, [0.1, 0.2, 0.4, 0.5, 0.5], strict=True):
+        assert 0.8 * base <= delay <= 1.2 * base
+
+
+async def _collect(sums: AsyncIterator[int]) -> list[int]:
+    return [s async for s in sums]

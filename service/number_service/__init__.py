@@ -1,7 +1,7 @@
 """NumberService on grpclib: server, typed client library, CLI and pytest plugin."""
 
 from .accumulator import INT32_MAX, INT32_MIN, Accumulator, SumOutOfRangeError, check_int32
-from .client import NumberClient, Session
+from .client import NumberClient, Retry, Session
 from .server import NumberServer, ServeConfig, create_server, serve
 from .service import ACCUMULATE_NUMBERS, NumberService
 
@@ -13,6 +13,7 @@ __all__ = [
     "NumberClient",
     "NumberServer",
     "NumberService",
+    "Retry",
     "ServeConfig",
     "Session",
     "SumOutOfRangeError",

@@ -15,8 +15,17 @@ connection. Numbers outside int32 raise ValueError and are never sent.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable, Mapping
+import random
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+)
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from types import TracebackType
 
 from grpclib.client import Channel, Stream
@@ -40,6 +49,27 @@ _READ_AHEAD = 64
 _YIELD_EVERY = 32  # requests sent between two turns given to the event loop
 
 
+@dataclass(frozen=True)
+class Retry:
+    """Retry connecting, with exponential backoff, while the server cannot be reached.
+
+    Only the connection is retried, never a stream that has started: the server
+    keeps a stream's sum, so a half-done stream cannot be replayed safely.
+    """
+
+    attempts: int = 10
+    initial_backoff: float = 0.1  # seconds before the second attempt
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+
+    def delays(self) -> Iterator[float]:
+        """The waits between attempts, each jittered by up to 20% either way."""
+        delay = self.initial_backoff
+        for _ in range(self.attempts - 1):
+            yield min(delay, self.max_backoff) * random.uniform(0.8, 1.2)
+            delay *= self.multiplier
+
+
 class NumberClient:
     """A connection to a NumberService server; use it as an async context manager."""
 
@@ -50,12 +80,16 @@ class NumberClient:
         *,
         timeout: float | None = None,
         metadata: Metadata | None = None,
+        retry: Retry | None = None,
     ) -> None:
+        """``retry``: keep trying to connect, e.g. while the server starts; without
+        it, a server that cannot be reached is UNAVAILABLE at once."""
         self._channel = Channel(host, port, codec=NumberCodec())
         self._owns_channel = True
         self._target = f"{host}:{port}"
         self.timeout = timeout
         self.metadata = metadata
+        self.retry = retry
 
     @classmethod
     def over(
@@ -72,6 +106,7 @@ class NumberClient:
         client._target = repr(channel)
         client.timeout = timeout
         client.metadata = metadata
+        client.retry = None
         return client
 
     async def __aenter__(self) -> NumberClient:
@@ -148,6 +183,9 @@ class NumberClient:
         """Open one AccumulateNumbers stream; map transport failures to gRPC statuses."""
         timeout = self.timeout if timeout is None else timeout
         try:
+            if self.retry is not None:
+                async with asyncio.timeout(timeout):  # retries spend the same deadline
+                    await self._connect(self.retry)
             async with self._channel.request(
                 ACCUMULATE_NUMBERS,
                 Cardinality.STREAM_STREAM,
@@ -162,6 +200,18 @@ class NumberClient:
             raise GRPCError(Status.DEADLINE_EXCEEDED, f"deadline of {timeout} s exceeded") from None
         except (OSError, StreamTerminatedError) as err:
             raise GRPCError(Status.UNAVAILABLE, f"cannot reach {self._target}: {err}") from None
+
+    async def _connect(self, retry: Retry) -> None:
+        delays = retry.delays()
+        while True:
+            try:
+                await self._channel.__connect__()
+                return
+            except OSError:
+                delay = next(delays, None)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
 
 
 class Session:
