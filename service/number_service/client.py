@@ -31,6 +31,7 @@ from types import TracebackType
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.metadata import Deadline
 
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
@@ -182,16 +183,17 @@ class NumberClient:
     async def _call(self, timeout: float | None, metadata: Metadata | None) -> AsyncIterator[_Call]:
         """Open one AccumulateNumbers stream; map transport failures to gRPC statuses."""
         timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else Deadline.from_timeout(timeout)
         try:
-            if self.retry is not None:
-                async with asyncio.timeout(timeout):  # retries spend the same deadline
+            if self.retry is not None:  # retrying spends the call's deadline too
+                async with asyncio.timeout(deadline.time_remaining() if deadline else None):
                     await self._connect(self.retry)
             async with self._channel.request(
                 ACCUMULATE_NUMBERS,
                 Cardinality.STREAM_STREAM,
                 NumberRequest,
                 NumberResponse,
-                timeout=timeout,
+                deadline=deadline,
                 metadata=self.metadata if metadata is None else metadata,
             ) as call:
                 await call.send_request()
