@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
 from grpclib import events
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from processes import free_port
 
 from number_service import INT32_MAX, INT32_MIN, NumberClient, NumberServer, Retry
 from number_service.pytest_plugin import RunningServer
@@ -130,9 +130,7 @@ async def test_deadline_while_waiting_in_accumulate(number_server_client: Number
 
 
 async def test_no_server_is_unavailable() -> None:
-    with socket.socket() as probe:  # a port that nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nothing listens there
     async with NumberClient("127.0.0.1", port) as client:
         with pytest.raises(GRPCError) as caught:
             async for _ in client.accumulate([1]):
@@ -157,9 +155,7 @@ async def test_metadata_reaches_the_server(number_server: RunningServer) -> None
 
 
 async def test_retry_waits_for_a_server_that_starts_late() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     retry = Retry(attempts=50, initial_backoff=0.05, max_backoff=0.1)
     async with NumberClient("127.0.0.1", port, retry=retry, timeout=10) as client:
         early = asyncio.create_task(_collect(client.accumulate([1, 2, 3])))
@@ -174,9 +170,7 @@ async def test_retry_waits_for_a_server_that_starts_late() -> None:
 
 
 async def test_retry_gives_up_with_unavailable() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     retry = Retry(attempts=3, initial_backoff=0.05, multiplier=1)
     started = asyncio.get_running_loop().time()
     async with NumberClient("127.0.0.1", port, retry=retry) as client:
@@ -187,9 +181,7 @@ async def test_retry_gives_up_with_unavailable() -> None:
 
 
 async def test_retry_stays_within_the_deadline() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     retry = Retry(attempts=1000, initial_backoff=0.05, multiplier=1)
     async with NumberClient("127.0.0.1", port, retry=retry, timeout=0.3) as client:
         with pytest.raises(GRPCError) as caught:

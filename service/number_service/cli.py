@@ -9,8 +9,8 @@ import asyncio
 import re
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterable
-from typing import IO, NoReturn
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import IO, Any, NoReturn, TypeVar
 
 import click
 from grpclib.exceptions import GRPCError
@@ -86,10 +86,13 @@ async def _from_lines(stream: IO[str]) -> AsyncIterator[int]:
 
 
 ENV_PREFIX = "NUMBER_SERVICE_"
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _env(name: str) -> str:
-    return ENV_PREFIX + name.upper()
+def _serve_option(flag: str, **kwargs: Any) -> Callable[[_F], _F]:
+    """A click option that also reads NUMBER_SERVICE_<NAME> from the environment."""
+    name = flag.removeprefix("--").replace("-", "_").upper()
+    return click.option(flag, envvar=ENV_PREFIX + name, show_envvar=True, **kwargs)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -99,59 +102,45 @@ def main() -> None:
 
 
 @main.command(context_settings={"show_default": True})
-@click.option(
+@_serve_option(
     "--host",
     default=server.DEFAULT_HOST,
-    envvar=_env("host"),
-    show_envvar=True,
     help="Address to listen on; 0.0.0.0 or :: for all interfaces.",
 )
-@click.option(
+@_serve_option(
     "--port",
     type=click.IntRange(0, 65535),
     default=server.DEFAULT_PORT,
-    envvar=_env("port"),
-    show_envvar=True,
     help="TCP port; 0 picks a free one (the ready line says which).",
 )
-@click.option(
+@_serve_option(
     "--grace",
     type=click.FloatRange(min=0),
     default=server.DEFAULT_GRACE,
-    envvar=_env("grace"),
-    show_envvar=True,
     help="Seconds in-flight streams get to finish after SIGTERM/SIGINT; "
     "those left then end with UNAVAILABLE.",
 )
-@click.option(
+@_serve_option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=None,
-    envvar=_env("metrics_port"),
-    show_envvar=True,
     help="Serve Prometheus metrics at http://METRICS_HOST:PORT/metrics [default: off].",
 )
-@click.option(
+@_serve_option(
     "--metrics-host",
     default=server.DEFAULT_HOST,
-    envvar=_env("metrics_host"),
-    show_envvar=True,
     help="Address for the metrics endpoint.",
 )
-@click.option(
+@_serve_option(
     "--log-level",
     type=click.Choice(LOG_LEVELS, case_sensitive=False),
     default="info",
-    envvar=_env("log_level"),
-    show_envvar=True,
     help="info: start, stop and one line per finished stream.",
 )
-@click.option(
+@_serve_option(
     "--log-format",
     type=click.Choice(["text", "json"], case_sensitive=False),
     default="text",
-    envvar=_env("log_format"),
-    show_envvar=True,
     help="json: one JSON object per line.",
 )
 def serve(
