@@ -198,3 +198,52 @@ def test_retry_backoff_grows_to_its_cap() -> None:
 
 async def _collect(sums: AsyncIterator[int]) -> list[int]:
     return [s async for s in sums]
+
+
+@pytest.mark.parametrize("used", [True, False], ids=["after-add", "empty"])
+async def test_deadline_while_a_session_idles(
+    number_server_client: NumberClient, used: bool
+) -> None:
+    with pytest.raises(GRPCError) as caught:
+        async with number_server_client.session(timeout=0.3) as session:
+            if used:
+                assert await session.add(1) == 1
+            await asyncio.sleep(0.6)
+    assert caught.value.status is Status.DEADLINE_EXCEEDED
+
+
+async def test_the_callers_own_errors_pass_through_unchanged(
+    number_server_client: NumberClient,
+) -> None:
+    """Only failures of the call become gRPC statuses, not the caller's."""
+    with pytest.raises(FileNotFoundError):
+        async with number_server_client.session() as session:
+            assert await session.add(1) == 1
+            raise FileNotFoundError("the caller's own")
+    with pytest.raises(TimeoutError):
+        async with number_server_client.session() as session:
+            await asyncio.wait_for(asyncio.sleep(1), 0.01)
+
+    async def numbers() -> AsyncIterator[int]:
+        yield 1
+        raise ConnectionResetError("the input's own")
+
+    with pytest.raises(ConnectionResetError, match="the input's own"):
+        await _collect(number_server_client.accumulate(numbers()))
+    assert await _collect(number_server_client.accumulate([2, 2])) == [2, 4]
+
+
+def test_a_client_made_outside_the_event_loop_works_inside_it() -> None:
+    port = free_port()
+    client = NumberClient("127.0.0.1", port, timeout=10)  # no loop is running here
+
+    async def main() -> list[int]:
+        server = NumberServer.build()
+        await server.start(bind("127.0.0.1", port))
+        try:
+            async with client:
+                return await _collect(client.accumulate([4, 5]))
+        finally:
+            await server.shutdown(grace=0)
+
+    assert asyncio.run(main()) == [4, 9]

@@ -11,9 +11,11 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError
+from grpclib.server import Server
 
-from number_service import ACCUMULATE_NUMBERS, INT32_MAX, NumberClient
+from number_service import ACCUMULATE_NUMBERS, INT32_MAX, NumberClient, NumberService
 from number_service.pytest_plugin import RunningServer
+from number_service.server import address_of, bind
 
 
 class RawCodec(CodecBase):
@@ -127,3 +129,25 @@ async def test_session_without_numbers_ends_ok(
     async with number_server_client.session() as session:
         assert await session.add(2) == 2
     assert statuses == [Status.OK, Status.OK]
+
+
+async def test_plain_grpclib_server_with_betterproto_codec_still_refuses_bad_input() -> None:
+    """The style-guide embedding, Server([NumberService()]), decodes with betterproto,
+    which lets wire type 7 through as num=None: the service answers INTERNAL anyway."""
+    server = Server([NumberService()])
+    sock = bind("127.0.0.1", 0)
+    await server.start(sock=sock)
+    try:
+        host, port = address_of(sock)
+        async with Channel(host, port, codec=RawCodec()) as channel:
+            with pytest.raises(GRPCError) as caught:
+                async with channel.request(
+                    ACCUMULATE_NUMBERS, Cardinality.STREAM_STREAM, bytes, bytes, timeout=5
+                ) as stream:
+                    await stream.send_message(b"\x0f", end=True)
+                    assert await stream.recv_message() is None
+        assert caught.value.status is Status.INTERNAL
+        assert "could not be decoded" in (caught.value.message or "")
+    finally:
+        server.close()
+        await server.wait_closed()

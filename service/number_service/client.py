@@ -24,7 +24,7 @@ from collections.abc import (
     Iterator,
     Mapping,
 )
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -85,7 +85,8 @@ class NumberClient:
     ) -> None:
         """``retry``: keep trying to connect, e.g. while the server starts; without
         it, a server that cannot be reached is UNAVAILABLE at once."""
-        self._channel = Channel(host, port, codec=NumberCodec())
+        self._host, self._port = host, port
+        self._channel: Channel | None = None  # made on first use, inside the event loop
         self._owns_channel = True
         self._target = f"{host}:{port}"
         self.timeout = timeout
@@ -104,6 +105,7 @@ class NumberClient:
         client = cls.__new__(cls)
         client._channel = channel
         client._owns_channel = False
+        client._host, client._port = "", 0
         client._target = repr(channel)
         client.timeout = timeout
         client.metadata = metadata
@@ -121,9 +123,16 @@ class NumberClient:
     ) -> None:
         self.close()
 
+    @property
+    def channel(self) -> Channel:
+        """The grpclib Channel that carries this client's calls."""
+        if self._channel is None:
+            self._channel = Channel(self._host, self._port, codec=NumberCodec())
+        return self._channel
+
     def close(self) -> None:
         """Close the connection, if this client opened it."""
-        if self._owns_channel:
+        if self._owns_channel and self._channel is not None:
             self._channel.close()
 
     async def accumulate(
@@ -156,8 +165,7 @@ class NumberClient:
                         raise item
                     yield item
                 if not sender.done() or not sender.result():
-                    # The server ended the stream before we finished sending.
-                    raise _ENDED_EARLY
+                    raise _ended_early()
             finally:
                 for task in (sender, receiver):
                     task.cancel()
@@ -184,11 +192,12 @@ class NumberClient:
         """Open one AccumulateNumbers stream; map transport failures to gRPC statuses."""
         timeout = self.timeout if timeout is None else timeout
         deadline = None if timeout is None else Deadline.from_timeout(timeout)
+        in_body = False
         try:
             if self.retry is not None:  # retrying spends the call's deadline too
                 async with asyncio.timeout(deadline.time_remaining() if deadline else None):
                     await self._connect(self.retry)
-            async with self._channel.request(
+            async with self.channel.request(
                 ACCUMULATE_NUMBERS,
                 Cardinality.STREAM_STREAM,
                 NumberRequest,
@@ -197,17 +206,36 @@ class NumberClient:
                 metadata=self.metadata if metadata is None else metadata,
             ) as call:
                 await call.send_request()
+                in_body = True
                 yield call
-        except TimeoutError:
-            raise GRPCError(Status.DEADLINE_EXCEEDED, f"deadline of {timeout} s exceeded") from None
-        except (OSError, StreamTerminatedError) as err:
-            raise GRPCError(Status.UNAVAILABLE, f"cannot reach {self._target}: {err}") from None
+                in_body = False
+        except GRPCError:
+            raise
+        except Exception as err:
+            if in_body and not getattr(err, _TRANSPORT, False):
+                raise  # the caller's own error (or its input's): not ours to relabel
+            raise self._status_for(err, timeout, deadline) from err
+
+    def _status_for(
+        self, err: Exception, timeout: float | None, deadline: Deadline | None
+    ) -> GRPCError:
+        """The gRPC status for a failure of the transport under a call."""
+        if isinstance(err, TimeoutError) or (deadline and not deadline.time_remaining()):
+            return GRPCError(Status.DEADLINE_EXCEEDED, f"deadline of {timeout} s exceeded")
+        if isinstance(err, StreamTerminatedError):
+            return GRPCError(Status.UNAVAILABLE, f"stream to {self._target} cut off: {err}")
+        if isinstance(err, OSError):
+            return GRPCError(Status.UNAVAILABLE, f"cannot reach {self._target}: {err}")
+        return GRPCError(
+            Status.INTERNAL,
+            f"HTTP/2 failure talking to {self._target}: {type(err).__name__}: {err}",
+        )
 
     async def _connect(self, retry: Retry) -> None:
         delays = retry.delays()
         while True:
             try:
-                await self._channel.__connect__()
+                await self.channel.__connect__()
                 return
             except OSError:
                 delay = next(delays, None)
@@ -228,27 +256,46 @@ class Session:
         check_int32(num)
         if self._closed:
             raise RuntimeError("session is closed")
-        await self._call.send_message(NumberRequest(num=num))
-        response = await self._call.recv_message()
-        if response is None:
-            self._closed = True
-            raise _ENDED_EARLY
+        with _transport():
+            await self._call.send_message(NumberRequest(num=num))
+            response = await self._call.recv_message()
+            if response is None:
+                self._closed = True
+                raise _ended_early()
         return response.sum
 
     async def close(self) -> None:
         """Half-close the stream and wait for the server's final status."""
         if not self._closed:
             self._closed = True
-            await self._call.end()
-            # Also reads the response headers, which a session with no add() lacks.
-            if await self._call.recv_message() is not None:
-                raise GRPCError(Status.INTERNAL, "server answered a request never sent")
-            await self._call.recv_trailing_metadata()
+            with _transport():
+                await self._call.end()
+                # Also reads the response headers, which a session with no add() lacks.
+                if await self._call.recv_message() is not None:
+                    raise GRPCError(Status.INTERNAL, "server answered a request never sent")
+                await self._call.recv_trailing_metadata()
 
 
-# Raised inside the grpclib stream's block when the server ended the stream first:
-# grpclib then replaces it with the status the server sent, if that is not OK.
-_ENDED_EARLY = StreamTerminatedError("server ended the stream before the client finished")
+# Marks an exception that grpclib raised under a call, as opposed to one of the
+# caller's own passing through the call's block: only the former becomes a status.
+_TRANSPORT = "_number_service_transport"
+
+
+@contextmanager
+def _transport() -> Iterator[None]:
+    try:
+        yield
+    except Exception as err:
+        setattr(err, _TRANSPORT, True)
+        raise
+
+
+def _ended_early() -> StreamTerminatedError:
+    """Raised in the grpclib stream's block when the server ended the stream first;
+    grpclib then replaces it with the server's status, if that is not OK."""
+    err = StreamTerminatedError("server ended the stream before the client finished")
+    setattr(err, _TRANSPORT, True)
+    return err
 
 
 async def _numbers(numbers: Numbers) -> AsyncIterator[int]:
@@ -297,6 +344,7 @@ async def _receive_all(call: _Call, inbox: asyncio.Queue[int | BaseException | N
         async for response in call:
             await inbox.put(response.sum)
     except Exception as err:
+        setattr(err, _TRANSPORT, True)
         await inbox.put(err)
     else:
         await inbox.put(None)
