@@ -19,6 +19,7 @@ import pytest
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from processes import (
+    EXE,
     EXIT_TIMEOUT,
     HOST,
     LINE_TIMEOUT,
@@ -345,5 +346,57 @@ async def test_client_gets_unavailable_when_the_server_is_killed() -> None:
                         got.append(await session.add(1))
         assert got[0] == 1
         assert caught.value.status is Status.UNAVAILABLE
+    finally:
+        reap(srv.proc)
+
+
+# --- output and addresses ------------------------------------------------------------
+
+
+def test_accumulate_into_a_full_disk_is_one_line(server: int) -> None:
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [str(EXE), "accumulate", "--port", str(server), "1", "2"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, "cannot write the sums")
+
+
+def test_accumulate_into_a_closed_pipe_stops_quietly(server: int) -> None:
+    proc = popen("accumulate", "--port", str(server), "-")
+    try:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        err = Lines(proc.stderr)
+        proc.stdin.write("1\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "1\n"
+        proc.stdout.close()  # like `| head -1`
+        proc.stdin.write("".join(f"{n}\n" for n in range(10_000)))
+        proc.stdin.close()
+        assert proc.wait(EXIT_TIMEOUT) == 141  # 128 + SIGPIPE, as `yes | head` ends
+        assert err.rest() == ""
+    finally:
+        reap(proc)
+
+
+def test_serve_on_an_unknown_host_is_one_clear_line() -> None:
+    result = run("serve", "--host", "no.such.host.invalid", "--port", "0")
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, "cannot listen on no.such.host.invalid:0")
+    assert "Unknown error" not in result.stderr
+
+
+def test_ready_line_shows_even_when_only_warnings_are_logged() -> None:
+    srv = start_server(0, "--log-level", "warning")
+    try:
+        assert srv.port > 0  # start_server found the ready line
+        assert srv.stop(signal.SIGTERM) == 0
     finally:
         reap(srv.proc)

@@ -6,6 +6,8 @@ Exit codes: 0 success, 1 the call or the server failed, 2 bad input or usage.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
 import sys
 import threading
@@ -186,15 +188,25 @@ def accumulate(host: str, port: int, timeout: float | None, numbers: tuple[str, 
         _fail(f"{err.status.name}: {err.message}", 1)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+    except BrokenPipeError:  # the reader went away (`| head -1`): stop, like `yes` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)  # 128 + SIGPIPE
+    except OSError as err:  # stdout cannot be written (a full disk, say)
+        _fail(f"cannot write the sums: {err}", 1)
 
 
 async def _accumulate(
     host: str, port: int, timeout: float | None, source: Iterable[int] | AsyncIterator[int]
 ) -> None:
+    out = sys.stdout
+    if out is None:
+        raise OSError("stdout is closed")
     async with NumberClient(host, port, timeout=timeout) as client:
-        async for total in client.accumulate(source):
-            click.echo(total)
-            sys.stdout.flush()
+        sums = client.accumulate(source)
+        async with contextlib.aclosing(sums):
+            async for total in sums:
+                out.write(f"{total}\n")
+                out.flush()
 
 
 def run() -> None:

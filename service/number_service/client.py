@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Collection,
@@ -141,13 +142,17 @@ class NumberClient:
         *,
         timeout: float | None = None,
         metadata: Metadata | None = None,
-    ) -> AsyncIterator[int]:
+    ) -> AsyncGenerator[int, None]:
         """Stream ``numbers`` to the server and yield each running sum as it arrives.
 
         Sending and receiving overlap: numbers are read from ``numbers`` only as
         they are sent, never collected first. A sequence is checked whole before
         anything is sent; any other iterable is checked number by number, and the
         call is cancelled at the first bad one.
+
+        To stop early, close the generator (``async with contextlib.aclosing(...)``):
+        that cancels the call at once, where a mere ``break`` leaves it to the
+        garbage collector.
         """
         if isinstance(numbers, range):
             for num in (*numbers[:1], *numbers[-1:]):  # its bounds say it all

@@ -54,6 +54,9 @@ def configure(level: str = "info", fmt: LogFormat = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Start, ready (with the address), drain and stop lines show at any level.
+    log.setLevel(min(logging.INFO, root.level))
+    stream_log.setLevel(root.level)
     # grpclib logs each cancelled request at info; our stream line covers it.
     grpclib_level = logging.DEBUG if level.lower() == "debug" else logging.WARNING
     logging.getLogger("grpclib").setLevel(grpclib_level)

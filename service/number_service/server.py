@@ -104,6 +104,8 @@ def bind(host: str, port: int) -> socket.socket:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
         return socket.create_server(address[:2], family=family, backlog=128)
+    except socket.gaierror as err:  # its errno is not an os.strerror one
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
     except OSError as err:
         reason = os.strerror(err.errno) if err.errno else str(err)
         raise OSError(f"cannot listen on {host}:{port}: {reason}") from None
@@ -113,6 +115,10 @@ def address_of(sock: socket.socket) -> tuple[str, int]:
     """The host and port a bound socket really listens on."""
     host, port = sock.getsockname()[:2]
     return str(host), int(port)
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def serve(config: ServeConfig | None = None) -> None:
@@ -133,7 +139,7 @@ async def serve(config: ServeConfig | None = None) -> None:
         loop.add_signal_handler(sig, _on_signal, stop, built.streams)
     try:
         await built.start(sock)
-        log.info("listening on %s:%d", *address_of(sock))
+        log.info("listening on %s", _host_port(*address_of(sock)))
         await stop.wait()
         await built.shutdown(config.grace)
     finally:
