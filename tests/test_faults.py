@@ -17,6 +17,7 @@ import gc
 import itertools
 import logging
 import os
+import re
 import signal
 import socket
 import struct
@@ -556,74 +557,28 @@ async def test_empty_data_frames_to_a_stuck_stream_cost_bounded_memory() -> None
 
 # --- 4. many concurrent open streams ----------------------------------------------------
 
-OPEN_STREAMS = 2_000  # in-suite; benchmarks/open_streams.py does 10,000
+OPEN_STREAMS = 2_000  # in-suite; `benchmarks/soak.py --open-streams 10000` for the full count
 
 
-async def max_concurrent_streams(port: int) -> int:
-    """SETTINGS_MAX_CONCURRENT_STREAMS as the server announces it."""
-    raw = await RawH2.connect(port)
-    try:
-        await raw.until(lambda: raw.settings_seen)
-        return int(raw.h2.remote_settings.max_concurrent_streams)
-    finally:
-        await raw.abort(reset=False)
-
-
-async def test_thousands_of_open_streams_get_correct_sums() -> None:
-    """OPEN_STREAMS streams open at once, spread over as few connections as the
-    server's SETTINGS_MAX_CONCURRENT_STREAMS allows; each gets its own sums before
-    and after all are open. Prints the server's RSS per open stream."""
-    srv = start_server(0)
-    try:
-        per_connection = min(await max_concurrent_streams(srv.port), OPEN_STREAMS)
-        connections = -(-OPEN_STREAMS // per_connection)
-        clients = [NumberClient(HOST, srv.port, timeout=60) for _ in range(connections)]
-        try:
-            for client in clients:  # connect them all, and warm the server up
-                assert [s async for s in client.accumulate([1, 2])] == [1, 3]
-            before = await steady_rss(srv.proc.pid)
-            opened = 0
-            all_open, release = asyncio.Event(), asyncio.Event()
-
-            async def one(k: int) -> None:
-                nonlocal opened
-                async with clients[k % connections].session() as session:
-                    assert await session.add(k) == k
-                    opened += 1
-                    if opened == OPEN_STREAMS:
-                        all_open.set()
-                    await release.wait()
-                    assert await session.add(-2 * k) == -k
-
-            started = time.monotonic()
-            tasks = [asyncio.create_task(one(k)) for k in range(1, OPEN_STREAMS + 1)]
-            try:
-                await asyncio.wait_for(all_open.wait(), 60)
-                open_after = time.monotonic() - started
-                during = await steady_rss(srv.proc.pid)
-                release.set()
-                await asyncio.wait_for(asyncio.gather(*tasks), 60)
-            finally:
-                for task in tasks:
-                    task.cancel()
-                await asyncio.gather(*tasks, return_exceptions=True)
-            elapsed = time.monotonic() - started
-        finally:
-            for client in clients:
-                client.close()
-        await assert_serves(srv.port)
-        assert srv.stop(signal.SIGTERM) == 0
-        assert "Traceback" not in srv.stderr.rest()
-    finally:
-        reap(srv.proc)
-    per_stream = (during - before) / OPEN_STREAMS
-    figures = (
-        f"{OPEN_STREAMS} open streams on {connections} connections x {per_connection}: "
-        f"all open after {open_after:.1f} s, all done after {elapsed:.1f} s; server RSS "
-        f"{before / MiB:.1f} -> {during / MiB:.1f} MiB, {per_stream / 1024:.1f} KiB per open stream"
+def test_thousands_of_open_streams_get_correct_sums() -> None:
+    """benchmarks/soak.py --open-streams: OPEN_STREAMS streams open at once over as few
+    connections as SETTINGS_MAX_CONCURRENT_STREAMS allows, every sum checked by the
+    script (exit 1 otherwise), a fresh stream afterwards, RSS per open stream."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--open-streams", str(OPEN_STREAMS)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
     )
-    print("\n" + figures)
-    assert per_stream < 64 * 1024, figures
+    print("\n" + result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"all {OPEN_STREAMS} open" in result.stdout, result.stdout
+    per_stream = re.search(r"with all open: (\d+) B", result.stdout)
+    assert per_stream is not None, result.stdout
+    assert int(per_stream.group(1)) < 64 * 1024, result.stdout
+    assert result.stdout.rstrip().endswith("PASS"), result.stdout
 
 
 # --- 5. a burst of connections ----------------------------------------------------------
