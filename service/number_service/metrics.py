@@ -1,6 +1,7 @@
 """Prometheus metrics with go-grpc-prometheus's names and labels, so dashboards work.
 
-Fed by :class:`~number_service.streams.Streams` (grpclib's event hooks), kept in a
+Fed by :class:`~number_service.streams.Streams`, which listens to grpclib's event
+hooks once for all its consumers; kept in a
 registry of their own (several servers may share a process, as in tests) and
 served over HTTP at ``/metrics`` by prometheus-client.
 """
@@ -11,9 +12,7 @@ import asyncio
 import threading
 from wsgiref.simple_server import WSGIServer
 
-from grpclib import events
 from grpclib.const import Status
-from grpclib.server import Server
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from .streams import StreamRecord, Streams
@@ -87,25 +86,22 @@ class Metrics:
             registry=reg,
         )
 
-    def attach(self, server: Server, streams: Streams) -> None:
-        """Count what ``streams`` sees on ``server``; call before the server starts."""
+    def attach(self, streams: Streams) -> None:
+        """Count what ``streams`` sees; call before its server starts."""
         streams.on_start.append(self._start)
+        streams.on_receive.append(self._received)
+        streams.on_send.append(self._sent)
         streams.on_end.append(self._end)
-
-        async def received(event: events.RecvMessage) -> None:
-            if record := streams.current():
-                self.received.labels(*_values(record)).inc()
-
-        async def sent(event: events.SendMessage) -> None:
-            if record := streams.current():
-                self.sent.labels(*_values(record)).inc()
-
-        events.listen(server, events.RecvMessage, received)
-        events.listen(server, events.SendMessage, sent)
 
     def _start(self, record: StreamRecord) -> None:
         self.started.labels(*_values(record)).inc()
         self.in_flight.labels(*_values(record)).inc()
+
+    def _received(self, record: StreamRecord) -> None:
+        self.received.labels(*_values(record)).inc()
+
+    def _sent(self, record: StreamRecord) -> None:
+        self.sent.labels(*_values(record)).inc()
 
     def _end(self, record: StreamRecord) -> None:
         labels = _values(record)

@@ -71,7 +71,7 @@ class NumberServer:
         streams = Streams(server, services, drained=[ACCUMULATE_NUMBERS])
         streams.on_end.append(log_stream_end)
         built = cls(server, streams, health)
-        built.metrics.attach(server, streams)
+        built.metrics.attach(streams)
         return built
 
     async def start(self, sock: socket.socket) -> None:
@@ -86,7 +86,7 @@ class NumberServer:
         # cancel every stream at once. Its asyncio server is in _server.
         if self.server._server is not None:
             self.server._server.close()
-        in_flight = len([r for r in self.streams.live() if r.method == ACCUMULATE_NUMBERS])
+        in_flight = self.streams.drained_in_flight
         log.info("draining: not listening; up to %g s for %d stream(s)", grace, in_flight)
         ended = await self.streams.drain(grace)
         if ended:

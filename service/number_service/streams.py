@@ -90,11 +90,14 @@ class Streams:
         }
         self._drained = frozenset(drained)
         self._live: dict[asyncio.Task[object], StreamRecord] = {}
+        self._drained_live = 0  # how many of _live a drain waits for
         self._quiet = asyncio.Event()
         self._quiet.set()
         self._hurry = asyncio.Event()
         self.draining = False
         self.on_start: list[Listener] = []
+        self.on_receive: list[Listener] = []  # per message: keep them cheap
+        self.on_send: list[Listener] = []
         self.on_end: list[Listener] = []
         events.listen(server, events.RecvRequest, self._recv_request)
         events.listen(server, events.RecvMessage, self._recv_message)
@@ -104,6 +107,11 @@ class Streams:
     def live(self) -> list[StreamRecord]:
         """Records of the streams in flight now."""
         return list(self._live.values())
+
+    @property
+    def drained_in_flight(self) -> int:
+        """How many streams in flight a drain would wait for."""
+        return self._drained_live
 
     # grpclib event listeners: each runs inside the stream's handler task.
 
@@ -122,6 +130,7 @@ class Streams:
         )
         self._live[task] = record
         if event.method_name in self._drained:
+            self._drained_live += 1
             self._quiet.clear()
         task.add_done_callback(self._task_done)
         event.method_func = _watched(event.method_func, record)
@@ -131,10 +140,14 @@ class Streams:
     async def _recv_message(self, event: events.RecvMessage) -> None:
         if record := self.current():
             record.received += 1
+            for listener in self.on_receive:
+                listener(record)
 
     async def _send_message(self, event: events.SendMessage) -> None:
         if record := self.current():
             record.sent += 1
+            for listener in self.on_send:
+                listener(record)
 
     async def _send_trailers(self, event: events.SendTrailingMetadata) -> None:
         if record := self.current():
@@ -153,8 +166,10 @@ class Streams:
         record.ended = time.monotonic()
         if record.status is None:  # no trailers went out: the client went away
             record.status = Status.CANCELLED
-        if not any(r.method in self._drained for r in self._live.values()):
-            self._quiet.set()
+        if record.method in self._drained:
+            self._drained_live -= 1
+            if not self._drained_live:
+                self._quiet.set()
         for listener in self.on_end:
             listener(record)
 
