@@ -557,6 +557,22 @@ async def test_empty_data_frames_to_a_stuck_stream_cost_bounded_memory() -> None
 
 # --- 4. many concurrent open streams ----------------------------------------------------
 
+
+def run_soak(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """benchmarks/soak.py with ``args``; fails the test unless it exits 0."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        check=False,
+    )
+    print("\n" + result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
 OPEN_STREAMS = 2_000  # in-suite; `benchmarks/soak.py --open-streams 10000` for the full count
 
 
@@ -564,16 +580,7 @@ def test_thousands_of_open_streams_get_correct_sums() -> None:
     """benchmarks/soak.py --open-streams: OPEN_STREAMS streams open at once over as few
     connections as SETTINGS_MAX_CONCURRENT_STREAMS allows, every sum checked by the
     script (exit 1 otherwise), a fresh stream afterwards, RSS per open stream."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--open-streams", str(OPEN_STREAMS)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        check=False,
-    )
-    print("\n" + result.stdout)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = run_soak("--open-streams", str(OPEN_STREAMS), timeout=120)
     assert f"all {OPEN_STREAMS} open" in result.stdout, result.stdout
     per_stream = re.search(r"with all open: (\d+) B", result.stdout)
     assert per_stream is not None, result.stdout
@@ -683,16 +690,7 @@ async def test_connection_burst_leaks_no_fds_or_tasks(
 
 def test_soak_runs_briefly_and_reports() -> None:
     """benchmarks/soak.py for 3 s: passes, and prints throughput and RSS figures."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--seconds", "3"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        check=False,
-    )
-    print("\n" + result.stdout)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = run_soak("--seconds", "3", timeout=60)
     assert "streams/s" in result.stdout
     assert "server RSS" in result.stdout
     assert result.stdout.rstrip().endswith("PASS"), result.stdout
