@@ -12,7 +12,9 @@ Which replica served a stream is read from the replicas' own JSON logs: every st
 here sends a different number of requests, and each replica logs ``received`` for
 each stream it ends.
 
-The test skips only when no nginx binary exists; ``.ci/run`` installs it.
+nginx runs the README's example configuration (its ``nginx`` block), with the
+replicas' ports filled in. The tests skip only when no nginx binary exists;
+``.ci/run`` installs it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import contextlib
 import itertools
 import json
 import random
+import re
 import shutil
 import signal
 import socket
@@ -38,6 +41,11 @@ from number_service import NumberClient
 TIMEOUT = 30.0  # seconds for any one wait in these tests
 ACCUMULATE = "/tutorial.NumberService/AccumulateNumbers"
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+# Everything but the http block's servers: a foreground nginx whose files all live in
+# the test's tmp_path. The servers are the README's example, so the documented
+# configuration is the tested one.
 NGINX_CONF = """\
 daemon off;
 master_process off;
@@ -52,21 +60,28 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
-    upstream replicas {{
-{servers}
-    }}
-    server {{
-        listen {host}:{port} http2;
-        location / {{
-            grpc_pass grpc://replicas;
-        }}
-    }}
+{example}
 }}
 """
 
 
-def find_nginx() -> str:
-    """The nginx binary, or skip the test saying what is missing and how to get it."""
+def readme_example(upstream_ports: list[int], port: int) -> str:
+    """The README's nginx block, its upstream servers and listen address made local."""
+    (block,) = re.findall(r"```nginx\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    servers = re.findall(r"^ *server [^ ;]+;\n", block, flags=re.MULTILINE)
+    assert len(servers) == 2, block
+    local = "".join(f"    server {HOST}:{p};\n" for p in upstream_ports)
+    block = block.replace("".join(servers), local)
+    assert "grpc_pass grpc://" in block, block
+    listen = re.compile(r"listen \d+ http2;")
+    assert listen.search(block), block
+    return listen.sub(f"listen {HOST}:{port} http2;", block)
+
+
+@pytest.fixture
+def nginx_binary() -> str:
+    """The nginx binary, or skip the test (before any replica starts) saying what is
+    missing and how to get it."""
     found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
     if found is None:
         pytest.skip(
@@ -89,14 +104,12 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes], error_log: Path) ->
 
 
 @contextlib.contextmanager
-def nginx(tmp: Path, upstream_ports: list[int]) -> Iterator[int]:
+def nginx(binary: str, tmp: Path, upstream_ports: list[int]) -> Iterator[int]:
     """nginx balancing gRPC over ``upstream_ports``; yields the port it listens on and
     is killed on the way out, whatever happened."""
-    binary = find_nginx()
     port = free_port()
-    servers = "\n".join(f"        server {HOST}:{p};" for p in upstream_ports)
     conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(tmp=tmp, servers=servers, host=HOST, port=port))
+    conf.write_text(NGINX_CONF.format(tmp=tmp, example=readme_example(upstream_ports, port)))
     error_log = tmp / "error.log"
     # -e: the error log before the configuration is read (else /var/log/nginx).
     proc = subprocess.Popen(
@@ -145,9 +158,14 @@ def numbers(count: int) -> list[int]:
     return [random.randint(-1000, 1000) for _ in range(count)]
 
 
-async def test_streams_from_one_connection_spread_across_replicas(tmp_path: Path) -> None:
+async def test_streams_from_one_connection_spread_across_replicas(
+    nginx_binary: str, tmp_path: Path
+) -> None:
     lengths = list(range(5, 17))  # 12 streams, each a different number of requests
-    with replicas(2) as (first, second), nginx(tmp_path, [first.port, second.port]) as port:
+    with (
+        replicas(2) as (first, second),
+        nginx(nginx_binary, tmp_path, [first.port, second.port]) as port,
+    ):
         async with NumberClient(HOST, port, timeout=TIMEOUT) as client:
 
             async def stream(length: int) -> None:
@@ -168,13 +186,13 @@ async def test_streams_from_one_connection_spread_across_replicas(tmp_path: Path
     assert len(on_second) >= 3, (on_first, on_second)
 
 
-async def test_stopping_a_replica_loses_no_stream(tmp_path: Path) -> None:
+async def test_stopping_a_replica_loses_no_stream(nginx_binary: str, tmp_path: Path) -> None:
     """SIGTERM one replica while streams through nginx are in flight on both: every
     stream finishes with all its sums and OK, and new streams go to the other."""
     in_flight, after = 6, 6
     with (
         replicas(2, "--grace", "20") as (stopped, kept),
-        nginx(tmp_path, [stopped.port, kept.port]) as port,
+        nginx(nginx_binary, tmp_path, [stopped.port, kept.port]) as port,
     ):
         async with NumberClient(HOST, port, timeout=TIMEOUT) as client:
             opened = asyncio.Event()
