@@ -1,4 +1,5 @@
-"""The ``number-service`` command: ``serve`` runs the server, ``accumulate`` is a client.
+"""The ``number-service`` command: ``serve`` runs the server, ``accumulate`` is a client,
+``health`` asks a server whether it is serving.
 
 Exit codes: 0 success, 1 the call or the server failed, 2 bad input or usage.
 """
@@ -17,7 +18,7 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 from grpclib.exceptions import GRPCError
 
-from . import logs, server
+from . import healthcheck, logs, server
 from .accumulator import check_int32
 from .client import NumberClient
 
@@ -207,6 +208,35 @@ async def _accumulate(
             async for total in sums:
                 out.write(f"{total}\n")
                 out.flush()
+
+
+@main.command(context_settings={"show_default": True})
+@click.option("--host", default=server.DEFAULT_HOST, help="Server address.")
+@click.option(
+    "--port",
+    type=click.IntRange(1, 65535),
+    default=server.DEFAULT_PORT,
+    envvar=ENV_PREFIX + "PORT",
+    show_envvar=True,
+    help="Server port; reads the same variable as serve, so a container checks its own port.",
+)
+@click.option("--service", default="", help='Service to ask about; "" is the whole server.')
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=healthcheck.DEFAULT_TIMEOUT,
+    help="Seconds to wait for the answer.",
+)
+def health(host: str, port: int, service: str, timeout: float) -> None:
+    """Ask the server's gRPC health service; exit 0 if SERVING, else 1 with the reason.
+
+    For container health checks: `HEALTHCHECK CMD number-service health`.
+    """
+    try:
+        asyncio.run(healthcheck.check(host, port, service, timeout))
+    except healthcheck.UnhealthyError as err:
+        _fail(str(err), 1)
+    click.echo("SERVING")
 
 
 def run() -> None:

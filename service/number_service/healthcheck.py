@@ -1,0 +1,53 @@
+"""A gRPC health check client: what ``number-service health`` and a Docker HEALTHCHECK run.
+
+It asks ``grpc.health.v1.Health/Check`` through grpclib's own generated stub, so it
+checks exactly what Kubernetes' ``grpc:`` probes and ``grpc_health_probe`` check,
+without another binary in the image.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from grpclib.client import Channel
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.health.v1.health_grpc import HealthStub
+from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+
+DEFAULT_TIMEOUT = 5.0
+
+
+class UnhealthyError(Exception):
+    """The server is not SERVING, or could not be asked; the message says which, in a line."""
+
+
+async def check(host: str, port: int, service: str = "", timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Return if ``service`` ("" means the whole server) is SERVING; raise UnhealthyError if not."""
+    where = f"{host}:{port}"
+    channel = Channel(host, port)
+    try:
+        reply = await HealthStub(channel).Check(
+            HealthCheckRequest(service=service), timeout=timeout
+        )
+    except GRPCError as err:
+        if err.status is Status.NOT_FOUND:  # grpclib sends no message with it
+            raise UnhealthyError(f"{where}: the server does not know service {service!r}") from None
+        detail = f": {err.message}" if err.message else ""
+        raise UnhealthyError(f"{where}: health check failed: {err.status.name}{detail}") from None
+    except TimeoutError:
+        raise UnhealthyError(f"{where}: no answer within {timeout:g} s") from None
+    except StreamTerminatedError as err:
+        raise UnhealthyError(f"{where}: connection lost during the check: {err}") from None
+    except socket.gaierror as err:  # its errno is not an os.strerror one
+        raise UnhealthyError(f"{where}: cannot resolve {host!r}: {err.strerror}") from None
+    except OSError as err:  # refused, unreachable
+        reason = os.strerror(err.errno) if err.errno else str(err) or type(err).__name__
+        raise UnhealthyError(f"{where}: cannot connect: {reason}") from None
+    finally:
+        channel.close()
+    status = HealthCheckResponse.ServingStatus.Name(reply.status)
+    if reply.status != HealthCheckResponse.SERVING:
+        name = repr(service) if service else "the server"
+        raise UnhealthyError(f"{where}: {name} is {status}")
