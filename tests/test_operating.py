@@ -32,7 +32,7 @@ from processes import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from number_service import INT32_MAX, NumberClient
+from number_service import INT32_MAX, NumberClient, healthcheck
 from number_service.metrics import MetricsEndpoint
 from number_service.pytest_plugin import RunningServer
 
@@ -240,6 +240,17 @@ async def test_one_log_line_per_stream(
     assert line.__dict__["status"] == "OK"
     assert (line.__dict__["received"], line.__dict__["sent"]) == (2, 2)
     assert line.__dict__["duration_ms"] >= 0
+
+
+async def test_health_probes_log_at_debug_only(
+    number_server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A probe every few seconds must not fill an info-level log.
+    caplog.set_level(logging.DEBUG)
+    await healthcheck.check(number_server.host, number_server.port)
+    (line,) = await wait_for_lines(caplog, 1)
+    assert line.__dict__["method"] == "/grpc.health.v1.Health/Check"
+    assert (line.levelno, line.__dict__["status"]) == (logging.DEBUG, "OK")
 
 
 async def test_client_cancel_and_deadline_are_info_lines_without_traceback(

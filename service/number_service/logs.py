@@ -23,6 +23,9 @@ stream_log = logging.getLogger("number_service.streams")
 
 # Statuses that point at the server rather than at what the client did.
 _SERVER_FAULTS = {Status.UNKNOWN, Status.INTERNAL, Status.DATA_LOSS}
+# Probes (Docker HEALTHCHECK, Kubernetes grpc probes) ask every few seconds: their
+# successful answers would drown the stream lines at info, so they log at debug.
+_PROBES = "/grpc.health.v1.Health/"
 _STREAM_FIELDS = ("method", "peer", "status", "received", "sent", "duration_ms", "error")
 
 
@@ -65,8 +68,14 @@ def configure(level: str = "info", fmt: LogFormat = "text") -> None:
 def log_stream_end(record: StreamRecord) -> None:
     """One line per finished stream: who, what, how many messages, how long, status."""
     status = record.status or Status.UNKNOWN
+    if status in _SERVER_FAULTS:
+        level = logging.WARNING
+    elif status is Status.OK and record.method.startswith(_PROBES):
+        level = logging.DEBUG
+    else:
+        level = logging.INFO
     stream_log.log(
-        logging.WARNING if status in _SERVER_FAULTS else logging.INFO,
+        level,
         "stream ended",
         extra={
             "method": record.method,
