@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
 import ssl
@@ -236,6 +237,10 @@ def accumulate(
     With TLS, --host must be a name or address the server's certificate is issued for.
     """
     context = _client_tls(use_tls, tls_ca, tls_cert, tls_key)
+    # A dropped connection (e.g. a TLS server refusing plaintext) makes asyncio warn
+    # "socket.send() raised exception." for grpclib's later writes; the one-line
+    # status below says what happened.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     try:
         source = _from_lines(sys.stdin) if numbers in ((), ("-",)) else _from_args(numbers)
         asyncio.run(_accumulate(host, port, timeout, source, context))
