@@ -12,7 +12,10 @@ import asyncio
 import logging
 import signal
 import ssl
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,7 +204,7 @@ def test_server_context_requires_client_certificates_only_for_mtls(certs: Certs)
 def test_unusable_files_name_the_file(certs: Certs, tmp_path: Path) -> None:
     junk = tmp_path / "junk.pem"
     junk.write_text("not a certificate\n")
-    cases = [
+    cases: list[tuple[Callable[[], ssl.SSLContext], str]] = [
         (lambda: server_context(tmp_path / "missing.pem", certs.server_key), "missing.pem"),
         (lambda: server_context(junk, certs.server_key), "junk.pem"),
         (lambda: server_context(certs.server_cert, certs.client_key), "client.key"),
@@ -267,6 +270,7 @@ def test_cli_serves_and_calls_over_tls(certs: Certs, mtls: bool) -> None:
     """serve --tls-* (files from the environment for TLS, from flags for mTLS) and
     accumulate --tls-*; refused calls are one line and leave the server log clean."""
     expected = "".join(f"{s}\n" for s in SUMS)
+    client: tuple[str | Path, ...]
     if mtls:
         srv = start_server(
             0, "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key),
@@ -345,3 +349,45 @@ def test_cli_bad_tls_settings_are_one_line_exit_2(
     assert result.returncode == 2, result
     assert_one_error_line(result.stderr, *needles)
     assert "listening" not in result.stderr
+
+
+# --- the README's recipe -----------------------------------------------------------
+
+
+def _readme_tls_section() -> str:
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    return text.split("### TLS and mutual TLS\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_readme_recipe_works_as_written(tmp_path: Path) -> None:
+    """The README's test-CA script, serve and accumulate commands, and library example."""
+    section = _readme_tls_section()
+    script = section.split("<<'EOF'\n", 1)[1].split("\nEOF\n", 1)[0]
+    made = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, capture_output=True, timeout=60, check=False
+    )
+    assert made.returncode == 0, made.stderr
+
+    def argv(line: str) -> list[str]:
+        words = line.split("#", 1)[0].split()[2:]  # without "$ number-service"
+        return [str(tmp_path / w) if (tmp_path / w).is_file() else w for w in words]
+
+    commands = [argv(line) for line in section.splitlines() if line.startswith("$ number-service")]
+    assert [c[0] for c in commands] == ["serve", "accumulate", "serve", "accumulate"]
+    example = section.split("```py\n", 1)[1].split("```", 1)[0]
+    for serve_args, client_args in (commands[0:2], commands[2:4]):
+        srv = start_server(0, *serve_args[1:])
+        try:
+            result = run(*client_args, "--port", str(srv.port))
+            assert (result.returncode, result.stdout) == (0, "1\n3\n6\n"), result.stderr
+            code = "import asyncio\nasync def main():\n" + textwrap.indent(
+                example.replace("50051", str(srv.port)), "    "
+            )
+            ran = subprocess.run(
+                [sys.executable, "-c", code + "asyncio.run(main())\n"],
+                cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert (ran.returncode, ran.stdout) == (0, "[1, 3, 6]\n"), ran.stderr
+        finally:
+            assert srv.stop(signal.SIGTERM) == 0
+            reap(srv.proc)
