@@ -17,7 +17,7 @@ import logging
 import os
 import signal
 import socket
-import ssl
+import ssl as _ssl  # the parameter of NumberServer.start is called ssl, as in grpclib
 from dataclasses import dataclass, field
 
 from grpclib.health.check import ServiceStatus
@@ -77,7 +77,7 @@ class NumberServer:
         built.metrics.attach(streams)
         return built
 
-    async def start(self, sock: socket.socket, ssl: ssl.SSLContext | None = None) -> None:
+    async def start(self, sock: socket.socket, ssl: _ssl.SSLContext | None = None) -> None:
         """Serve on ``sock``; with ``ssl`` (see ``tls.server_context``), TLS only."""
         await self.server.start(sock=sock, ssl=ssl)
         self.health.set(True)
