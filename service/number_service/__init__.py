@@ -4,6 +4,7 @@ from .accumulator import INT32_MAX, INT32_MIN, Accumulator, SumOutOfRangeError, 
 from .client import NumberClient, Retry, Session
 from .server import NumberServer, ServeConfig, create_server, serve
 from .service import ACCUMULATE_NUMBERS, NumberService
+from .tls import TLSConfig, client_context, server_context
 
 __all__ = [
     "ACCUMULATE_NUMBERS",
@@ -17,7 +18,10 @@ __all__ = [
     "ServeConfig",
     "Session",
     "SumOutOfRangeError",
+    "TLSConfig",
     "check_int32",
+    "client_context",
     "create_server",
     "serve",
+    "server_context",
 ]

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
+import ssl
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -18,7 +20,7 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 from grpclib.exceptions import GRPCError
 
-from . import healthcheck, logs, server
+from . import healthcheck, logs, server, tls
 from .accumulator import check_int32
 from .client import NumberClient
 
@@ -146,6 +148,17 @@ def main() -> None:
     default="text",
     help="json: one JSON object per line.",
 )
+@_serve_option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False),
+    help="Serve TLS only, with this PEM certificate (chain); needs --tls-key.",
+)
+@_serve_option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key of --tls-cert.")
+@_serve_option(
+    "--tls-client-ca",
+    type=click.Path(dir_okay=False),
+    help="Mutual TLS: require client certificates issued by this PEM CA; needs --tls-cert.",
+)
 def serve(
     host: str,
     port: int,
@@ -154,6 +167,9 @@ def serve(
     metrics_host: str,
     log_level: str,
     log_format: str,
+    tls_cert: str | None,
+    tls_key: str | None,
+    tls_client_ca: str | None,
 ) -> None:
     """Run the server in the foreground until SIGTERM or SIGINT, then drain and exit 0.
 
@@ -162,10 +178,29 @@ def serve(
     """
     logs.configure(log_level, "json" if log_format.lower() == "json" else "text")
     config = server.ServeConfig(host, port, grace, metrics_host, metrics_port)
+    config.tls = _server_tls(tls_cert, tls_key, tls_client_ca)
     try:
         asyncio.run(server.serve(config))
+    except tls.TLSFileError as err:
+        _fail(str(err), 2)
     except OSError as err:
         _fail(str(err), 1)
+
+
+def _server_tls(cert: str | None, key: str | None, client_ca: str | None) -> tls.TLSConfig | None:
+    """The TLS files of ``serve``, or None for plaintext; a usage error if incomplete."""
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise click.UsageError(
+                "--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS first",
+                click.get_current_context(),
+            )
+        return None
+    if cert is None or key is None:
+        raise click.UsageError(
+            "--tls-cert and --tls-key go together: give both", click.get_current_context()
+        )
+    return tls.TLSConfig(cert, key, client_ca)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -174,15 +209,42 @@ def serve(
     "--port", type=click.IntRange(1, 65535), default=server.DEFAULT_PORT, show_default=True
 )
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Deadline, seconds.")
+@click.option("--tls", "use_tls", is_flag=True, help="Connect with TLS, trusting the system's CAs.")
+@click.option(
+    "--tls-ca",
+    type=click.Path(dir_okay=False),
+    help="Connect with TLS, trusting only this PEM CA (implies --tls).",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(dir_okay=False),
+    help="Client certificate for mutual TLS (implies --tls); needs --tls-key.",
+)
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key of --tls-cert.")
 @click.argument("numbers", nargs=-1)
-def accumulate(host: str, port: int, timeout: float | None, numbers: tuple[str, ...]) -> None:
+def accumulate(
+    host: str,
+    port: int,
+    timeout: float | None,
+    use_tls: bool,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+    numbers: tuple[str, ...],
+) -> None:
     """Send NUMBERS (or, with - or none, one integer per line of stdin); print each sum.
 
     Each sum is printed as soon as it arrives: `seq 1 10 | number-service accumulate -`.
+    With TLS, --host must be a name or address the server's certificate is issued for.
     """
+    context = _client_tls(use_tls, tls_ca, tls_cert, tls_key)
+    # A dropped connection (e.g. a TLS server refusing plaintext) makes asyncio warn
+    # "socket.send() raised exception." for grpclib's later writes; the one-line
+    # status below says what happened.
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
     try:
         source = _from_lines(sys.stdin) if numbers in ((), ("-",)) else _from_args(numbers)
-        asyncio.run(_accumulate(host, port, timeout, source))
+        asyncio.run(_accumulate(host, port, timeout, source, context))
     except InputError as err:
         _fail(str(err), 2)
     except GRPCError as err:
@@ -196,13 +258,33 @@ def accumulate(host: str, port: int, timeout: float | None, numbers: tuple[str, 
         _fail(f"cannot write the sums: {err}", 1)
 
 
+def _client_tls(
+    on: bool, ca: str | None, cert: str | None, key: str | None
+) -> ssl.SSLContext | None:
+    """The client's TLS context, or None for plaintext; exits 2 on unusable files."""
+    if (cert is None) != (key is None):
+        raise click.UsageError(
+            "--tls-cert and --tls-key go together: give both", click.get_current_context()
+        )
+    if not (on or ca or cert):
+        return None
+    try:
+        return tls.client_context(ca, cert, key)
+    except tls.TLSFileError as err:
+        _fail(str(err), 2)
+
+
 async def _accumulate(
-    host: str, port: int, timeout: float | None, source: Iterable[int] | AsyncIterator[int]
+    host: str,
+    port: int,
+    timeout: float | None,
+    source: Iterable[int] | AsyncIterator[int],
+    context: ssl.SSLContext | None = None,
 ) -> None:
     out = sys.stdout
     if out is None:
         raise OSError("stdout is closed")
-    async with NumberClient(host, port, timeout=timeout) as client:
+    async with NumberClient(host, port, timeout=timeout, ssl=context) as client:
         sums = client.accumulate(source)
         async with contextlib.aclosing(sums):
             async for total in sums:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl as _ssl  # the parameter of NumberClient is called ssl, as in grpclib
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -83,10 +84,14 @@ class NumberClient:
         timeout: float | None = None,
         metadata: Metadata | None = None,
         retry: Retry | None = None,
+        ssl: _ssl.SSLContext | None = None,
     ) -> None:
         """``retry``: keep trying to connect, e.g. while the server starts; without
-        it, a server that cannot be reached is UNAVAILABLE at once."""
+        it, a server that cannot be reached is UNAVAILABLE at once. ``ssl``: connect
+        with TLS, e.g. ``ssl=tls.client_context(ca="ca.pem")``; ``host`` must then be
+        a name or IP address the server's certificate is issued for."""
         self._host, self._port = host, port
+        self._ssl = ssl
         self._channel: Channel | None = None  # made on first use, inside the event loop
         self._owns_channel = True
         self._target = f"{host}:{port}"
@@ -107,6 +112,7 @@ class NumberClient:
         client._channel = channel
         client._owns_channel = False
         client._host, client._port = "", 0
+        client._ssl = None
         client._target = repr(channel)
         client.timeout = timeout
         client.metadata = metadata
@@ -128,7 +134,7 @@ class NumberClient:
     def channel(self) -> Channel:
         """The grpclib Channel that carries this client's calls."""
         if self._channel is None:
-            self._channel = Channel(self._host, self._port, codec=NumberCodec())
+            self._channel = Channel(self._host, self._port, ssl=self._ssl, codec=NumberCodec())
         return self._channel
 
     def close(self) -> None:
@@ -228,7 +234,14 @@ class NumberClient:
         if isinstance(err, TimeoutError) or (deadline and not deadline.time_remaining()):
             return GRPCError(Status.DEADLINE_EXCEEDED, f"deadline of {timeout} s exceeded")
         if isinstance(err, StreamTerminatedError):
-            return GRPCError(Status.UNAVAILABLE, f"stream to {self._target} cut off: {err}")
+            # A TLS server drops a plaintext connection, and an mTLS server one whose
+            # certificate it refuses, with no word the client can read: say so.
+            message = f"stream to {self._target} cut off: {err}"
+            if self._ssl is not None:
+                message += " (an mTLS server drops connections without a certificate it accepts)"
+            elif self._owns_channel:
+                message += " (if the server uses TLS, connect with TLS)"
+            return GRPCError(Status.UNAVAILABLE, message)
         if isinstance(err, OSError):
             return GRPCError(Status.UNAVAILABLE, f"cannot reach {self._target}: {err}")
         return GRPCError(

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import socket
+import ssl as _ssl  # the parameter of NumberServer.start is called ssl, as in grpclib
 from dataclasses import dataclass, field
 
 from grpclib.health.check import ServiceStatus
@@ -29,6 +30,7 @@ from .metrics import Metrics, MetricsEndpoint
 from .reflection import with_reflection
 from .service import ACCUMULATE_NUMBERS, NumberService
 from .streams import Streams
+from .tls import TLSConfig
 
 log = logging.getLogger("number_service")
 
@@ -51,6 +53,7 @@ class ServeConfig:
     grace: float = DEFAULT_GRACE  # seconds in-flight streams get to finish on shutdown
     metrics_host: str = DEFAULT_HOST
     metrics_port: int | None = None  # None: no metrics endpoint
+    tls: TLSConfig | None = None  # None: plaintext
 
 
 @dataclass
@@ -74,8 +77,9 @@ class NumberServer:
         built.metrics.attach(streams)
         return built
 
-    async def start(self, sock: socket.socket) -> None:
-        await self.server.start(sock=sock)
+    async def start(self, sock: socket.socket, ssl: _ssl.SSLContext | None = None) -> None:
+        """Serve on ``sock``; with ``ssl`` (see ``tls.server_context``), TLS only."""
+        await self.server.start(sock=sock, ssl=ssl)
         self.health.set(True)
 
     async def shutdown(self, grace: float) -> None:
@@ -124,9 +128,13 @@ def _host_port(host: str, port: int) -> str:
 async def serve(config: ServeConfig | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then drain and return (call in the main thread).
 
+    Raises OSError when it cannot listen, ``tls.TLSFileError`` for an unusable
+    certificate, key or CA file (before it listens).
+
     A second signal during the drain cuts the grace period short.
     """
     config = ServeConfig() if config is None else config
+    context = None if config.tls is None else config.tls.server_context()
     sock = bind(config.host, config.port)
     built = NumberServer.build()
     endpoint = None
@@ -138,8 +146,9 @@ async def serve(config: ServeConfig | None = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, _on_signal, stop, built.streams)
     try:
-        await built.start(sock)
-        log.info("listening on %s", _host_port(*address_of(sock)))
+        await built.start(sock, context)
+        mode = "" if config.tls is None else f" ({config.tls.mode})"
+        log.info("listening on %s%s", _host_port(*address_of(sock)), mode)
         await stop.wait()
         await built.shutdown(config.grace)
     finally:
