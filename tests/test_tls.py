@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 import ssl
 import subprocess
@@ -356,7 +357,8 @@ def test_cli_bad_tls_settings_are_one_line_exit_2(
 
 def _readme_tls_section() -> str:
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    return text.split("### TLS and mutual TLS\n", 1)[1].split("\n## ", 1)[0]
+    section = text.split("### TLS and mutual TLS\n", 1)[1]
+    return re.split(r"\n##+ ", section, maxsplit=1)[0]  # up to the next heading
 
 
 def test_readme_recipe_works_as_written(tmp_path: Path) -> None:
