@@ -301,6 +301,12 @@ def test_cli_serves_and_calls_over_tls(certs: Certs, mtls: bool) -> None:
             assert (code, out) == (1, "")
             assert_one_error_line(err, "UNAVAILABLE", "mTLS")
         assert _accumulate(srv.port, *client) == (0, expected, "")
+        # The health command takes the same TLS flags, for probes of a TLS server.
+        health = run("health", "--host", HOST, "--port", str(srv.port), *map(str, client))
+        assert (health.returncode, health.stdout) == (0, "SERVING\n"), health
+        health = run("health", "--host", HOST, "--port", str(srv.port))
+        assert health.returncode == 1, health
+        assert_one_error_line(health.stderr, "connection lost", "--tls")
     finally:
         code = srv.stop(signal.SIGTERM)
         log = srv.stderr.rest()
@@ -310,6 +316,7 @@ def test_cli_serves_and_calls_over_tls(certs: Certs, mtls: bool) -> None:
     lines = log.splitlines()
     assert all(" INFO " in line for line in lines), log
     assert sum("stream ended" in line for line in lines) == 2, log  # the valid calls only
+    # (the health check logs at debug only)
 
 
 @pytest.mark.parametrize(

@@ -203,24 +203,38 @@ def _server_tls(cert: str | None, key: str | None, client_ca: str | None) -> tls
     return tls.TLSConfig(cert, key, client_ca)
 
 
+def _client_tls_options(command: _F) -> _F:
+    """The client side's TLS flags, shared by ``accumulate`` and ``health``."""
+    options = [
+        click.option(
+            "--tls", "use_tls", is_flag=True, help="Connect with TLS, trusting the system's CAs."
+        ),
+        click.option(
+            "--tls-ca",
+            type=click.Path(dir_okay=False),
+            help="Connect with TLS, trusting only this PEM CA (implies --tls).",
+        ),
+        click.option(
+            "--tls-cert",
+            type=click.Path(dir_okay=False),
+            help="Client certificate for mutual TLS (implies --tls); needs --tls-key.",
+        ),
+        click.option(
+            "--tls-key", type=click.Path(dir_okay=False), help="PEM private key of --tls-cert."
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.option("--host", default=server.DEFAULT_HOST, show_default=True, help="Server address.")
 @click.option(
     "--port", type=click.IntRange(1, 65535), default=server.DEFAULT_PORT, show_default=True
 )
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Deadline, seconds.")
-@click.option("--tls", "use_tls", is_flag=True, help="Connect with TLS, trusting the system's CAs.")
-@click.option(
-    "--tls-ca",
-    type=click.Path(dir_okay=False),
-    help="Connect with TLS, trusting only this PEM CA (implies --tls).",
-)
-@click.option(
-    "--tls-cert",
-    type=click.Path(dir_okay=False),
-    help="Client certificate for mutual TLS (implies --tls); needs --tls-key.",
-)
-@click.option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key of --tls-cert.")
+@_client_tls_options
 @click.argument("numbers", nargs=-1)
 def accumulate(
     host: str,
@@ -309,13 +323,25 @@ async def _accumulate(
     default=healthcheck.DEFAULT_TIMEOUT,
     help="Seconds to wait for the answer.",
 )
-def health(host: str, port: int, service: str, timeout: float) -> None:
+@_client_tls_options
+def health(
+    host: str,
+    port: int,
+    service: str,
+    timeout: float,
+    use_tls: bool,
+    tls_ca: str | None,
+    tls_cert: str | None,
+    tls_key: str | None,
+) -> None:
     """Ask the server's gRPC health service; exit 0 if SERVING, else 1 with the reason.
 
     For container health checks: `HEALTHCHECK CMD number-service health`.
     """
+    context = _client_tls(use_tls, tls_ca, tls_cert, tls_key)
+    logging.getLogger("asyncio").setLevel(logging.ERROR)  # as in accumulate
     try:
-        asyncio.run(healthcheck.check(host, port, service, timeout))
+        asyncio.run(healthcheck.check(host, port, service, timeout, ssl=context))
     except healthcheck.UnhealthyError as err:
         _fail(str(err), 1)
     click.echo("SERVING")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl as _ssl
 
 from grpclib.client import Channel
 from grpclib.const import Status
@@ -23,10 +24,20 @@ class UnhealthyError(Exception):
     """The server is not SERVING, or could not be asked; the message says which, in a line."""
 
 
-async def check(host: str, port: int, service: str = "", timeout: float = DEFAULT_TIMEOUT) -> None:
-    """Return if ``service`` ("" means the whole server) is SERVING; raise UnhealthyError if not."""
+async def check(
+    host: str,
+    port: int,
+    service: str = "",
+    timeout: float = DEFAULT_TIMEOUT,
+    *,
+    ssl: _ssl.SSLContext | None = None,
+) -> None:
+    """Return if ``service`` ("" means the whole server) is SERVING; raise UnhealthyError if not.
+
+    ``ssl``: a client context (``tls.client_context``) for a TLS or mTLS server.
+    """
     where = f"{host}:{port}"
-    channel = Channel(host, port)
+    channel = Channel(host, port, ssl=ssl)
     try:
         reply = await HealthStub(channel).Check(
             HealthCheckRequest(service=service), timeout=timeout
@@ -39,7 +50,9 @@ async def check(host: str, port: int, service: str = "", timeout: float = DEFAUL
     except TimeoutError:
         raise UnhealthyError(f"{where}: no answer within {timeout:g} s") from None
     except StreamTerminatedError as err:
-        raise UnhealthyError(f"{where}: connection lost during the check: {err}") from None
+        # What a TLS server does to a plaintext client, or mTLS to a refused certificate.
+        hint = "an mTLS server drops clients it does not accept" if ssl else "TLS server? use --tls"
+        raise UnhealthyError(f"{where}: connection lost during the check: {err} ({hint})") from None
     except socket.gaierror as err:  # its errno is not an os.strerror one
         raise UnhealthyError(f"{where}: cannot resolve {host!r}: {err.strerror}") from None
     except OSError as err:  # refused, unreachable
