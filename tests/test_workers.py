@@ -15,17 +15,25 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality
 from processes import (
+    EXE,
     EXIT_TIMEOUT,
     HOST,
+    READY_LINE,
+    READY_TIMEOUT,
+    RUN_TIMEOUT,
+    Lines,
     ServerProcess,
     assert_one_error_line,
+    env_without_buffering,
     reap,
     run,
     start_server,
@@ -305,3 +313,95 @@ def test_a_port_in_use_stops_the_parent_with_one_line() -> None:
         result = run("serve", "--port", str(port), "--workers", "2")
     assert result.returncode == 1
     assert_one_error_line(result.stderr, f"{HOST}:{port}", "in use")
+
+
+# --- signals to the whole group, and workers that cannot start ---------------------------
+
+
+def popen_own_group(*args: str) -> subprocess.Popen[str]:
+    """``number-service ARGS`` in a process group of its own, as a terminal's job is."""
+    return subprocess.Popen(
+        [str(EXE), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_without_buffering(),
+        start_new_session=True,
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+async def test_a_signal_to_the_whole_group_drains_without_cutting_the_grace(
+    sig: signal.Signals,
+) -> None:
+    """Ctrl-C in a terminal sends SIGINT to every process of the group, and systemd's
+    default stop sends SIGTERM to every process of the unit: each worker then gets the
+    signal directly and the parent's forwarded SIGTERM. That must still be one drain
+    with its full grace period, not a second signal that cuts it short."""
+    proc = popen_own_group(
+        "serve", "--host", HOST, "--port", "0", "--workers", "2", "--grace", "30"
+    )
+    try:
+        assert proc.stderr is not None
+        server = ServerProcess(proc, Lines(proc.stderr), 0)
+        match = READY_LINE.search(server.stderr.wait_for("listening on", READY_TIMEOUT))
+        assert match is not None
+        server.port = int(match.group(1))
+        async with asyncio.timeout(TIMEOUT), contextlib.AsyncExitStack() as stack:
+            streams = [await stream_on(stack, server.port, worker) for worker in (0, 1)]
+            os.killpg(proc.pid, sig)
+            draining = [f"for 1 stream(s) worker={worker}" for worker in (0, 1)]
+            await asyncio.to_thread(wait_for_all, server, "stopping", *draining)
+            await asyncio.sleep(0.5)  # time for the forwarded SIGTERM to arrive
+            for stream in streams:
+                assert await add(stream, 2) == 3
+                await finish(stream)
+        assert await asyncio.to_thread(proc.wait, EXIT_TIMEOUT) == 0
+        text = server.stderr.rest()
+        assert "grace period over" not in text
+        assert "WARNING" not in text, text
+    finally:
+        reap(proc)
+        with contextlib.suppress(ProcessLookupError):  # nothing of the group may be left
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+FAIL_WORKERS = """
+import os
+if os.environ.get("NUMBER_SERVICE_WORKER_INDEX") and os.path.exists(os.environ["FAIL_MARKER"]):
+    os._exit(3)
+"""
+
+
+def failing_workers(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """An environment whose workers exit with code 3 at start while ``marker`` exists."""
+    (tmp_path / "sitecustomize.py").write_text(FAIL_WORKERS)
+    marker = tmp_path / "fail"
+    env = {"PYTHONPATH": str(tmp_path), "FAIL_MARKER": str(marker)}
+    return env, marker
+
+
+def test_a_worker_that_cannot_start_stops_the_parent(tmp_path: Path) -> None:
+    env, marker = failing_workers(tmp_path)
+    marker.touch()
+    result = run("serve", "--port", "0", "--workers", "2", env=env)
+    assert result.returncode == 1
+    assert "exited with code 3 before it was listening; stopped all workers" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_worker_that_keeps_failing_after_a_crash_stops_the_parent(
+    serve_workers: Start, tmp_path: Path
+) -> None:
+    env, marker = failing_workers(tmp_path)
+    server = serve_workers("--workers", "2", env=env)
+    marker.touch()  # from now on, a new worker exits at once
+    os.kill(worker_pids(server)[1], signal.SIGKILL)
+    assert server.proc.wait(RUN_TIMEOUT) == 1
+    text = server.stderr.rest()
+    delays = re.findall(r"worker 1 \(pid \d+\) .*; restarting it in ([0-9.]+) s", text)
+    # The SIGKILL, then four failed starts; the fifth gives up.
+    assert [float(d) for d in delays] == [0.1, 0.2, 0.4, 0.8, 1.6], text
+    assert "worker 1 exited with code 3 before it was listening, 5 times in a row" in text
+    assert "Traceback" not in text
