@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality
+from polling import eventually
 from processes import (
     EXE,
     EXIT_TIMEOUT,
@@ -72,11 +73,13 @@ def wait_for_all(server: ServerProcess, *needles: str) -> None:
 
 
 def alive(pid: int) -> bool:
+    """The process exists and has not ended (a zombie left to an init that does not
+    reap, as in some containers, counts as ended)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.fixture
@@ -405,3 +408,13 @@ def test_a_worker_that_keeps_failing_after_a_crash_stops_the_parent(
     assert [float(d) for d in delays] == [0.1, 0.2, 0.4, 0.8, 1.6], text
     assert "worker 1 exited with code 3 before it was listening, 5 times in a row" in text
     assert "Traceback" not in text
+
+
+async def test_workers_whose_parent_is_killed_drain_and_exit(serve_workers: Start) -> None:
+    server = serve_workers("--workers", "2")
+    pids = worker_pids(server)
+    server.proc.kill()  # no SIGTERM forwarded: the workers see their stdin pipe close
+    assert server.proc.wait(EXIT_TIMEOUT) == -signal.SIGKILL
+    async with asyncio.timeout(TIMEOUT):
+        await asyncio.to_thread(wait_for_all, server, "supervisor gone: draining")
+        await eventually(lambda: not any(alive(pid) for pid in pids.values()), TIMEOUT)

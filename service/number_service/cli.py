@@ -114,7 +114,9 @@ class WorkerCount(click.ParamType[int, Any]):
             except ValueError:
                 self.fail(f"{value!r} is not a number of workers or 'auto'", param, ctx)
         if count < 0:
-            self.fail(f"{count} is negative; use 1 or more, or 0 or 'auto' for one per core")
+            self.fail(
+                f"{count} is negative; use 1 or more, or 0 or 'auto' for one per core", param, ctx
+            )
         return count if count else supervisor.cpu_count()
 
 
@@ -203,7 +205,9 @@ def serve(
     worker = Worker.from_env()
     fields = worker.log_fields() if worker is not None else None
     logs.configure(log_level, "json" if log_format.lower() == "json" else "text", fields)
-    config = server.ServeConfig(host, port, grace, metrics_host, metrics_port, workers, worker)
+    config = server.ServeConfig(host, port, grace, metrics_host, metrics_port)
+    config.workers = workers
+    config.worker = worker
     if worker is not None:  # the supervisor serves the metrics of all workers
         config.metrics_port = None
         worker.ignore_interrupts()
