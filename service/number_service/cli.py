@@ -20,9 +20,10 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 from grpclib.exceptions import GRPCError
 
-from . import healthcheck, logs, server, tls
+from . import healthcheck, logs, server, supervisor, tls
 from .accumulator import check_int32
 from .client import NumberClient
+from .worker import Worker
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -100,13 +101,47 @@ def _serve_option(flag: str, **kwargs: Any) -> Callable[[_F], _F]:
     return click.option(flag, envvar=ENV_PREFIX + name, show_envvar=True, **kwargs)
 
 
+class WorkerCount(click.ParamType[int, Any]):
+    """``--workers``: a count of processes; 0 or ``auto`` is one per core."""
+
+    name = "N|auto"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            count = value
+        elif str(value).strip().lower() == "auto":
+            count = 0
+        else:
+            try:
+                count = int(str(value))
+            except ValueError:
+                self.fail(f"{value!r} is not a number of workers or 'auto'", param, ctx)
+        if count < 0:
+            self.fail(
+                f"{count} is negative; use 1 or more, or 0 or 'auto' for one per core", param, ctx
+            )
+        return count if count else supervisor.cpu_count()
+
+
+_RAW_ARGS = "number_service.raw_args"
+
+
+class _KeepsArgs(click.Command):
+    """A command that keeps the arguments it was given: ``serve --workers`` passes
+    them on to its workers, so every option reaches them as the user wrote it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[_RAW_ARGS] = list(args)
+        return super().parse_args(ctx, args)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="number-service", prog_name="number-service")
 def main() -> None:
     """NumberService: a gRPC bidirectional stream that answers each number with the sum so far."""
 
 
-@main.command(context_settings={"show_default": True})
+@main.command(cls=_KeepsArgs, context_settings={"show_default": True})
 @_serve_option(
     "--host",
     default=server.DEFAULT_HOST,
@@ -159,6 +194,13 @@ def main() -> None:
     type=click.Path(dir_okay=False),
     help="Mutual TLS: require client certificates issued by this PEM CA; needs --tls-cert.",
 )
+@_serve_option(
+    "--workers",
+    type=WorkerCount(),
+    default="1",
+    help="Processes sharing the port (SO_REUSEPORT), restarted when they die; "
+    "0 or auto: one per core.",
+)
 def serve(
     host: str,
     port: int,
@@ -170,16 +212,27 @@ def serve(
     tls_cert: str | None,
     tls_key: str | None,
     tls_client_ca: str | None,
+    workers: int,
 ) -> None:
     """Run the server in the foreground until SIGTERM or SIGINT, then drain and exit 0.
 
     Every option can also be set by its environment variable; an option given on
     the command line wins.
     """
-    logs.configure(log_level, "json" if log_format.lower() == "json" else "text")
+    worker = Worker.from_env()
+    fields = worker.log_fields() if worker is not None else None
+    logs.configure(log_level, "json" if log_format.lower() == "json" else "text", fields)
     config = server.ServeConfig(host, port, grace, metrics_host, metrics_port)
     config.tls = _server_tls(tls_cert, tls_key, tls_client_ca)
+    config.workers = workers
+    config.worker = worker
+    if worker is not None:  # the supervisor serves the metrics of all workers
+        config.metrics_port = None
+        worker.ignore_interrupts()
     try:
+        if workers > 1 and worker is None:
+            args = click.get_current_context().meta[_RAW_ARGS]
+            sys.exit(asyncio.run(supervisor.Supervisor(config, args).run()))
         asyncio.run(server.serve(config))
     except tls.TLSFileError as err:
         _fail(str(err), 2)

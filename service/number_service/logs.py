@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from typing import Literal
 
 from grpclib.const import Status
@@ -27,6 +28,7 @@ _SERVER_FAULTS = {Status.UNKNOWN, Status.INTERNAL, Status.DATA_LOSS}
 # successful answers would drown the stream lines at info, so they log at debug.
 _PROBES = "/grpc.health.v1.Health/"
 _STREAM_FIELDS = ("method", "peer", "status", "received", "sent", "duration_ms", "error")
+_PROCESS_FIELDS = ("worker", "pid")  # set on every line of a ``serve --workers`` worker
 
 
 class _TextFormatter(logging.Formatter):
@@ -36,15 +38,32 @@ class _TextFormatter(logging.Formatter):
         line = super().format(record)
         pairs = [
             f"{key}={getattr(record, key)}"
-            for key in _STREAM_FIELDS
+            for key in (*_STREAM_FIELDS, *_PROCESS_FIELDS)
             if getattr(record, key, None) is not None
         ]
         return " ".join([line, *pairs])
 
 
-def configure(level: str = "info", fmt: LogFormat = "text") -> None:
-    """Send our logs to stderr at ``level``, as text or JSON lines."""
+class _AddFields(logging.Filter):
+    """Adds the same fields to every record that passes."""
+
+    def __init__(self, fields: Mapping[str, object]) -> None:
+        super().__init__()
+        self.fields = dict(fields)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.__dict__.update(self.fields)
+        return True
+
+
+def configure(
+    level: str = "info", fmt: LogFormat = "text", fields: Mapping[str, object] | None = None
+) -> None:
+    """Send our logs to stderr at ``level``, as text or JSON lines; ``fields`` are
+    added to every line (a worker's index and pid)."""
     handler = logging.StreamHandler(sys.stderr)
+    if fields:
+        handler.addFilter(_AddFields(fields))
     if fmt == "json":
         handler.setFormatter(
             JsonFormatter(

@@ -84,6 +84,7 @@ class Metrics:
             "Streams open on the server now.",
             _LABELS,
             registry=reg,
+            multiprocess_mode="livesum",  # with workers: summed over the live ones
         )
 
     def attach(self, streams: Streams) -> None:
@@ -118,11 +119,13 @@ def _values(record: StreamRecord) -> tuple[str, str, str]:
 class MetricsEndpoint:
     """``/metrics`` over HTTP on a thread of its own, as prometheus-client serves it."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+    def __init__(self, metrics: Metrics | CollectorRegistry, host: str, port: int) -> None:
+        """Serve ``metrics`` (or any registry, e.g. the workers' multiprocess one)."""
+        registry = metrics.registry if isinstance(metrics, Metrics) else metrics
         self._httpd: WSGIServer
         self._thread: threading.Thread
         try:
-            self._httpd, self._thread = start_http_server(port, host, metrics.registry)
+            self._httpd, self._thread = start_http_server(port, host, registry)
         except OSError as err:
             reason = err.strerror or str(err)
             raise OSError(f"cannot serve metrics on {host}:{port}: {reason}") from None

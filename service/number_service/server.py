@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import ssl as _ssl  # the parameter of NumberServer.start is called ssl, as in grpclib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from grpclib.health.check import ServiceStatus
@@ -31,6 +32,7 @@ from .reflection import with_reflection
 from .service import ACCUMULATE_NUMBERS, NumberService
 from .streams import Streams
 from .tls import TLSConfig
+from .worker import Worker
 
 log = logging.getLogger("number_service")
 
@@ -54,6 +56,8 @@ class ServeConfig:
     metrics_host: str = DEFAULT_HOST
     metrics_port: int | None = None  # None: no metrics endpoint
     tls: TLSConfig | None = None  # None: plaintext
+    workers: int = 1  # processes; more than 1 is run by the command's supervisor.py
+    worker: Worker | None = None  # set when this process is one of those workers
 
 
 @dataclass
@@ -99,15 +103,16 @@ class NumberServer:
         await self.server.wait_closed()
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (port 0 picks a free one).
+def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket on host:port (port 0 picks a free one); ``reuse_port``
+    sets SO_REUSEPORT, so that workers share the port.
 
     Raises OSError with the address in the message, e.g. when the port is taken.
     """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
-        return socket.create_server(address[:2], family=family, backlog=128)
+        return socket.create_server(address[:2], family=family, backlog=128, reuse_port=reuse_port)
     except socket.gaierror as err:  # its errno is not an os.strerror one
         raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
     except OSError as err:
@@ -121,7 +126,8 @@ def address_of(sock: socket.socket) -> tuple[str, int]:
     return str(host), int(port)
 
 
-def _host_port(host: str, port: int) -> str:
+def host_port(host: str, port: int) -> str:
+    """``host:port``, with brackets around an IPv6 host."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -135,28 +141,47 @@ async def serve(config: ServeConfig | None = None) -> None:
     """
     config = ServeConfig() if config is None else config
     context = None if config.tls is None else config.tls.server_context()
-    sock = bind(config.host, config.port)
+    worker = config.worker
+    sock = bind(config.host, config.port, reuse_port=worker is not None)
     built = NumberServer.build()
+    if worker is not None:
+        worker.attach(built.server)
     endpoint = None
     if config.metrics_port is not None:
         endpoint = MetricsEndpoint(built.metrics, config.metrics_host, config.metrics_port)
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, endpoint.port)
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, _on_signal, stop, built.streams)
+    if worker is None:
+        undo_signals = _install_signals(stop, built.streams)
+    else:
+        undo_signals = worker.install(stop, built.streams.hurry)
     try:
         await built.start(sock, context)
         mode = "" if config.tls is None else f" ({config.tls.mode})"
-        log.info("listening on %s%s", _host_port(*address_of(sock)), mode)
+        if worker is None:
+            log.info("listening on %s%s", host_port(*address_of(sock)), mode)
+        else:  # the supervisor says "listening on" once every worker is ready
+            worker.ready(host_port(*address_of(sock)))
         await stop.wait()
         await built.shutdown(config.grace)
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        undo_signals()
         if endpoint is not None:
             await endpoint.close()
     log.info("stopped")
+
+
+def _install_signals(stop: asyncio.Event, streams: Streams) -> Callable[[], None]:
+    """SIGINT or SIGTERM sets ``stop``; a second one hurries the drain. Returns the undo."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, _on_signal, stop, streams)
+
+    def undo() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    return undo
 
 
 def _on_signal(stop: asyncio.Event, streams: Streams) -> None:

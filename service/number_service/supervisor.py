@@ -1,0 +1,302 @@
+"""``serve --workers N``: N worker processes share one port; this parent watches them.
+
+The parent binds the port first (with SO_REUSEPORT, not listening: it resolves port
+0 once and holds the port; Linux hands connections only to the listening sockets
+of the group, i.e. to the workers). It then starts each worker as ``python -m
+number_service serve <the options it was given> --workers 1 --port <port>``, so
+every serve option reaches the workers unchanged; ``worker.py`` is what differs
+inside one. Worker logs go straight to the shared stderr; each worker reports
+``ready`` on its stdout pipe, and the parent logs ``listening on HOST:PORT`` once
+all of them are.
+
+A worker that dies is restarted, after a back-off that grows while it keeps dying
+soon after start. A worker that dies before it is ready during start-up, or
+``MAX_START_FAILURES`` times in a row later, makes the parent stop them all and
+exit 1. SIGTERM or SIGINT: SIGTERM to every worker (each drains with --grace),
+wait, exit 0; a second signal cuts the workers' grace short.
+
+With --metrics-port, workers write prometheus-client's multiprocess files to a
+temporary directory and the parent serves their sum; workers have no endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from .metrics import MetricsEndpoint
+from .server import ServeConfig, address_of, host_port
+from .worker import HURRY_SIGNAL, READY, WORKER_ENV
+
+log = logging.getLogger("number_service")
+
+INITIAL_BACKOFF = 0.1  # seconds before restarting a worker that died
+MAX_BACKOFF = 10.0
+STABLE_AFTER = 30.0  # a worker that ran this long starts its back-off afresh when it dies
+MAX_START_FAILURES = 5  # deaths before ready, in a row, after which the parent gives up
+KILL_AFTER = 10.0  # seconds past --grace after which workers still running are killed
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (its affinity mask, where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def backoff(quick_deaths: int) -> float:
+    """Seconds to wait before a restart after ``quick_deaths`` early deaths in a row."""
+    return min(MAX_BACKOFF, INITIAL_BACKOFF * 2.0 ** max(quick_deaths - 1, 0))
+
+
+def describe_exit(code: int) -> str:
+    """``exited with code 1`` or ``was killed by SIGKILL``, from a returncode."""
+    if code >= 0:
+        return f"exited with code {code}"
+    try:
+        return f"was killed by {signal.Signals(-code).name}"
+    except ValueError:
+        return f"was killed by signal {-code}"
+
+
+def reserve(host: str, port: int) -> socket.socket:
+    """host:port bound with SO_REUSEPORT but not listening, for the workers to join.
+
+    A port other than 0 is first bound without SO_REUSEPORT, which fails when
+    anything has it, including the workers of another supervisor (they would
+    otherwise silently share it). Raises OSError naming the address.
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        if port:
+            with _tcp_socket(family, reuse_port=False) as probe:
+                probe.bind(address[:2])
+        sock = _tcp_socket(family, reuse_port=True)
+        try:
+            sock.bind(address[:2])
+        except OSError:
+            sock.close()
+            raise
+        return sock
+    except socket.gaierror as err:  # its errno is not an os.strerror one
+        raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    except OSError as err:
+        reason = os.strerror(err.errno) if err.errno else str(err)
+        raise OSError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+def _tcp_socket(family: int, *, reuse_port: bool) -> socket.socket:
+    """A TCP socket set up as ``socket.create_server`` sets up the workers' ones."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    return sock
+
+
+@dataclass
+class _Slot:
+    """One worker position: its current process, and how its last starts went."""
+
+    index: int
+    proc: asyncio.subprocess.Process | None = None
+    quick_deaths: int = 0  # deaths in a row within STABLE_AFTER of starting
+    start_failures: int = 0  # deaths in a row before it was ready
+    ever_ready: bool = False
+
+
+class Supervisor:
+    """Runs ``config.workers`` workers of ``serve`` with ``args`` until a signal."""
+
+    def __init__(self, config: ServeConfig, args: Sequence[str]) -> None:
+        self.config = config
+        self.args = list(args)  # the serve options as given; workers get them too
+        self.slots = [_Slot(i) for i in range(config.workers)]
+        self.failure: str | None = None  # why the parent gave up, if it did
+        self._stop = asyncio.Event()
+        self._address = ""
+        self._listening = False
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT (exit code 0) or until workers cannot start (1)."""
+        sock = reserve(self.config.host, self.config.port)
+        self._address = host_port(*address_of(sock))
+        port = address_of(sock)[1]
+        loop = asyncio.get_running_loop()
+        metrics_dir = None
+        endpoint = None
+        try:
+            if self.config.metrics_port is not None:
+                metrics_dir = tempfile.mkdtemp(prefix="number-service-metrics-")
+                registry = CollectorRegistry()
+                MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+                host = self.config.metrics_host
+                endpoint = MetricsEndpoint(registry, host, self.config.metrics_port)
+                log.info("metrics of all workers on http://%s:%d/metrics", host, endpoint.port)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, self._on_signal)
+            log.info("starting %d workers on %s", len(self.slots), self._address)
+            tasks = [
+                asyncio.create_task(self._keep(slot, port, metrics_dir)) for slot in self.slots
+            ]
+            await self._stop.wait()
+            await self._stop_workers(tasks)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            if endpoint is not None:
+                await endpoint.close()
+            if metrics_dir is not None:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+            sock.close()
+        if self.failure is not None:
+            log.error("%s; stopped all workers", self.failure)
+            return 1
+        log.info("stopped")
+        return 0
+
+    async def _keep(self, slot: _Slot, port: int, metrics_dir: str | None) -> None:
+        """Run the worker of ``slot``, restarting it when it dies, until stopped."""
+        try:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                proc = await self._spawn(slot.index, port, metrics_dir)
+                slot.proc = proc
+                if self._stop.is_set():  # the signal came while it was being started
+                    _kill(proc, signal.SIGTERM)
+                ready = await _wait_ready(proc)
+                if ready:
+                    self._on_ready(slot, proc.pid)
+                code = await proc.wait()
+                slot.proc = None
+                if metrics_dir is not None:  # its in-flight gauge no longer counts
+                    mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
+                how = describe_exit(code)
+                if self._stop.is_set():
+                    if code:
+                        log.warning("worker %d (pid %d) %s", slot.index, proc.pid, how)
+                    return
+                if not ready:
+                    slot.start_failures += 1
+                    if not self._listening:  # at start-up: a bad option, say; no retry
+                        self._give_up(f"worker {slot.index} {how} before it was listening")
+                        return
+                    if slot.start_failures >= MAX_START_FAILURES:
+                        self._give_up(
+                            f"worker {slot.index} {how} before it was listening, "
+                            f"{slot.start_failures} times in a row"
+                        )
+                        return
+                lived = time.monotonic() - started
+                slot.quick_deaths = 0 if lived >= STABLE_AFTER else slot.quick_deaths + 1
+                delay = backoff(slot.quick_deaths)
+                log.warning(
+                    "worker %d (pid %d) %s; restarting it in %.1f s",
+                    slot.index,
+                    proc.pid,
+                    how,
+                    delay,
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+        except Exception as err:  # cannot start a process at all, say
+            self._give_up(f"cannot run worker {slot.index}: {err}")
+
+    async def _spawn(
+        self, index: int, port: int, metrics_dir: str | None
+    ) -> asyncio.subprocess.Process:
+        env = dict(os.environ)
+        env[WORKER_ENV] = str(index)
+        if metrics_dir is not None:
+            env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        # The last --workers and --port win over the ones in self.args. stdin is the
+        # worker's lifeline (end of file: the parent is gone); stdout says "ready".
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "number_service",
+            "serve",
+            *self.args,
+            "--workers",
+            "1",
+            "--port",
+            str(port),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+
+    def _on_ready(self, slot: _Slot, pid: int) -> None:
+        log.info(
+            "worker %d %s: pid %d", slot.index, "restarted" if slot.ever_ready else "started", pid
+        )
+        slot.ever_ready = True
+        slot.start_failures = 0
+        if not self._listening and all(s.ever_ready for s in self.slots):
+            self._listening = True
+            mode = "" if self.config.tls is None else f", {self.config.tls.mode}"
+            log.info("listening on %s (%d workers%s)", self._address, len(self.slots), mode)
+
+    def _give_up(self, why: str) -> None:
+        if self.failure is None:
+            self.failure = why
+        self._stop.set()
+
+    def _on_signal(self) -> None:
+        if not self._stop.is_set():
+            log.info("stopping: workers drain for up to %g s", self.config.grace)
+            self._stop.set()
+        else:
+            log.info("second signal: workers end their streams now")
+            self._send(HURRY_SIGNAL)
+
+    def _send(self, sig: signal.Signals) -> None:
+        for slot in self.slots:
+            if slot.proc is not None:
+                _kill(slot.proc, sig)
+
+    async def _stop_workers(self, tasks: list[asyncio.Task[None]]) -> None:
+        """SIGTERM every worker; kill those still running long after the grace period."""
+        self._send(signal.SIGTERM)
+        _, pending = await asyncio.wait(tasks, timeout=self.config.grace + KILL_AFTER)
+        if pending:
+            log.warning("killing workers still running %g s after the grace period", KILL_AFTER)
+            self._send(signal.SIGKILL)
+            await asyncio.wait(pending)
+
+
+def _kill(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
+    """Send ``sig`` to ``proc`` unless it is known to have ended.
+
+    Not ``proc.send_signal``: its Popen polls first and may reap the process,
+    and asyncio's child watcher then reports exit code 255 with a warning.
+    """
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, sig)
+
+
+async def _wait_ready(proc: asyncio.subprocess.Process) -> bool:
+    """True once the worker says it is ready; False if it ends first."""
+    assert proc.stdout is not None
+    while line := await proc.stdout.readline():
+        if line == READY:
+            return True
+    return False

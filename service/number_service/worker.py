@@ -1,0 +1,106 @@
+"""The worker side of ``serve --workers N``: what changes in a process the supervisor started.
+
+The supervisor (``supervisor.py``) starts each worker as ``python -m number_service
+serve <the same options> --workers 1 --port <port>`` with ``NUMBER_SERVICE_WORKER_INDEX``
+set. Such a process then:
+
+- listens with SO_REUSEPORT, so the kernel spreads connections over the workers;
+- tags every log line with ``worker`` and ``pid``, and every stream's initial
+  metadata with ``number-service-worker: <index>``;
+- writes ``ready`` to stdout (a pipe to the supervisor) once it listens;
+- starts its drain on SIGTERM, however many arrive (a SIGTERM sent to the whole
+  group or cgroup, as systemd does, plus the one the supervisor forwards, must not
+  cut the grace short); SIGUSR1 cuts the grace short; SIGINT is ignored, because
+  a terminal's Ctrl-C reaches every process of the group and the supervisor
+  forwards it;
+- starts its drain too when stdin (a pipe from the supervisor) reaches end of
+  file: the supervisor died, so nobody would stop or restart this worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from grpclib import events
+from grpclib.server import Server
+
+WORKER_ENV = "NUMBER_SERVICE_WORKER_INDEX"  # internal: set by the supervisor only
+WORKER_HEADER = "number-service-worker"  # initial metadata: which worker serves the stream
+READY = b"ready\n"  # what a worker writes to stdout once it listens
+HURRY_SIGNAL = signal.SIGUSR1  # supervisor to worker: cut the grace period short
+
+log = logging.getLogger("number_service")
+
+
+@dataclass(frozen=True)
+class Worker:
+    """This process is worker ``index`` of a supervisor."""
+
+    index: int
+
+    @classmethod
+    def from_env(cls) -> Worker | None:
+        """The worker this process is, if a supervisor started it."""
+        value = os.environ.get(WORKER_ENV)
+        return None if value is None else cls(int(value))
+
+    @staticmethod
+    def ignore_interrupts() -> None:
+        """Ignore SIGINT (call before the event loop starts): the supervisor forwards it."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def attach(self, server: Server) -> None:
+        """Name this worker in the initial metadata of every stream ``server`` answers."""
+        events.listen(server, events.SendInitialMetadata, self._tag)
+
+    async def _tag(self, event: events.SendInitialMetadata) -> None:
+        event.metadata[WORKER_HEADER] = str(self.index)
+
+    def install(self, stop: asyncio.Event, hurry: Callable[[], None]) -> Callable[[], None]:
+        """Set ``stop`` on SIGTERM or when the supervisor goes away; call ``hurry``
+        on HURRY_SIGNAL. Returns what undoes this."""
+        loop = asyncio.get_running_loop()
+
+        def on_hurry() -> None:
+            stop.set()
+            hurry()
+
+        def on_stdin() -> None:
+            try:
+                data = os.read(sys.stdin.fileno(), 4096)
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(sys.stdin.fileno())
+                if not stop.is_set():
+                    log.warning("supervisor gone: draining")
+                stop.set()
+
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(HURRY_SIGNAL, on_hurry)
+        loop.add_reader(sys.stdin.fileno(), on_stdin)
+
+        def undo() -> None:
+            loop.remove_reader(sys.stdin.fileno())
+            for sig in (signal.SIGTERM, HURRY_SIGNAL):
+                loop.remove_signal_handler(sig)
+                # The drain is over: one more from the supervisor must not kill us.
+                signal.signal(sig, signal.SIG_IGN)
+
+        return undo
+
+    def ready(self, address: str) -> None:
+        """Tell the supervisor this worker listens (it then says ``listening on``)."""
+        log.info("worker %d ready on %s", self.index, address)
+        sys.stdout.buffer.write(READY)
+        sys.stdout.flush()
+
+    def log_fields(self) -> dict[str, int]:
+        """Fields every log line of this worker carries."""
+        return {"worker": self.index, "pid": os.getpid()}
