@@ -24,6 +24,7 @@ from grpclib.health.service import Health
 from grpclib.server import Server
 
 from .codec import NumberCodec
+from .limits import Connections, Limits, MessageSizeLimit
 from .logs import log_stream_end
 from .metrics import Metrics, MetricsEndpoint
 from .reflection import with_reflection
@@ -51,6 +52,7 @@ class ServeConfig:
     grace: float = DEFAULT_GRACE  # seconds in-flight streams get to finish on shutdown
     metrics_host: str = DEFAULT_HOST
     metrics_port: int | None = None  # None: no metrics endpoint
+    limits: Limits = field(default_factory=Limits)  # message size, streams, connections ...
 
 
 @dataclass
@@ -61,16 +63,20 @@ class NumberServer:
     streams: Streams
     health: ServiceStatus
     metrics: Metrics = field(default_factory=Metrics)
+    connections: Connections | None = None  # open connections and their limits
 
     @classmethod
-    def build(cls) -> NumberServer:
-        number = NumberService()
+    def build(cls, limits: Limits | None = None) -> NumberServer:
+        """The server with ``limits`` (default: :class:`Limits`' defaults)."""
+        limits = Limits() if limits is None else limits
+        number = NumberService(stream_idle_timeout=limits.stream_idle_timeout)
         health = ServiceStatus()
         services = with_reflection([number, Health({number: [health]})])
-        server = Server(services, codec=NumberCodec())
+        server = Server(services, codec=NumberCodec(), config=limits.grpclib_config())
         streams = Streams(server, services, drained=[ACCUMULATE_NUMBERS])
         streams.on_end.append(log_stream_end)
-        built = cls(server, streams, health)
+        MessageSizeLimit(server, limits.max_message_size)
+        built = cls(server, streams, health, connections=Connections(server, limits))
         built.metrics.attach(streams)
         return built
 
@@ -128,7 +134,7 @@ async def serve(config: ServeConfig | None = None) -> None:
     """
     config = ServeConfig() if config is None else config
     sock = bind(config.host, config.port)
-    built = NumberServer.build()
+    built = NumberServer.build(config.limits)
     endpoint = None
     if config.metrics_port is not None:
         endpoint = MetricsEndpoint(built.metrics, config.metrics_host, config.metrics_port)
