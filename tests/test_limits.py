@@ -173,9 +173,8 @@ async def test_oversized_prefix_is_refused_before_the_body_other_streams_carry_o
 
 async def test_max_concurrent_streams_is_advertised_and_enforced() -> None:
     """Limit 3: the server's SETTINGS say 3; a raw client's h2 then refuses to open
-    a 4th stream itself. A client that opens one anyway has broken the protocol,
-    and loses the connection: h2 makes it a connection error (RFC 9113 allows a
-    stream error too), and grpclib closes without sending h2's GOAWAY."""
+    a 4th stream itself. One opened anyway (the client broke the protocol) gets
+    RST_STREAM REFUSED_STREAM, and the three open streams carry on."""
     async with (
         serving(Limits(max_concurrent_streams=3)) as (_, port),
         await H2Client.connect(port) as client,
@@ -193,9 +192,21 @@ async def test_max_concurrent_streams_is_advertised_and_enforced() -> None:
 
         # Ignore the setting (test-only: lift h2's own client-side check).
         settings._settings[SettingCodes.MAX_CONCURRENT_STREAMS] = deque([1000])
-        client.open_stream()
-        await client.read_until(lambda: client.closed)
-        assert client.closed
+        refused = client.open_stream()
+        client.send_data(refused, grpc_message(num(9)), end_stream=True)  # on a refused stream
+        reply = await client.reply(refused)
+        assert reply.reset == ErrorCodes.REFUSED_STREAM, reply
+        assert reply.headers == []
+
+        for k, stream in enumerate(streams, 1):  # the three carry on
+            client.send_data(stream, grpc_message(num(10)), end_stream=True)
+            reply = await client.reply(stream)
+            assert sums(reply.messages) == [k, k + 10]
+            assert reply.grpc_status == Status.OK.value
+        settings._settings[SettingCodes.MAX_CONCURRENT_STREAMS] = deque([3])
+        assert sums((await client.call(num(5))).messages) == [5]  # and new ones open
+        assert client.goaway is None
+        assert not client.closed
 
 
 async def test_a_grpclib_client_queues_streams_beyond_the_limit() -> None:
@@ -460,4 +471,4 @@ def test_limits_are_checked() -> None:
         {"stream_idle_timeout": 0.0},
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            Limits(**bad)  # type: ignore[arg-type]
+            Limits(**bad)

@@ -9,8 +9,9 @@ except keepalive, whose options are experimental and underscore-named):
   body is never read or buffered (grpclib would read it all before decoding).
 - :class:`Connections` wraps every accepted connection: it refuses connections
   over ``max_connections`` with a GOAWAY, advertises ``max_concurrent_streams`` in
-  the server's HTTP/2 SETTINGS, and closes a connection that has had no stream for
-  ``idle_timeout`` seconds, also with a GOAWAY.
+  the server's HTTP/2 SETTINGS (a stream over it gets RST_STREAM REFUSED_STREAM),
+  and closes a connection that has had no stream for ``idle_timeout`` seconds,
+  also with a GOAWAY.
 
 Keepalive pings (and closing a peer that does not answer them) are grpclib's own,
 configured by :meth:`Limits.grpclib_config`. The per-stream idle timeout is the
@@ -35,8 +36,10 @@ from grpclib.server import Server
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError
+from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
+from h2.stream import StreamClosedBy
+from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
 
 log = logging.getLogger("number_service.limits")
 
@@ -222,6 +225,7 @@ class _Guarded(asyncio.Protocol):
             h2 = _h2(inner)
             h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams})
             inner.connection.flush()
+        _refuse_streams_over_limit(_h2(inner))
         if limits.idle_timeout is not None:
             register = inner.processor.register
 
@@ -301,6 +305,35 @@ def _h2(protocol: H2Protocol) -> H2Connection:
     """The h2 connection under grpclib's; it keeps it in the private ``_connection``."""
     h2: H2Connection = protocol.connection._connection
     return h2
+
+
+def _refuse_streams_over_limit(h2: H2Connection) -> None:
+    """Answer a stream opened over SETTINGS_MAX_CONCURRENT_STREAMS with RST_STREAM
+    REFUSED_STREAM, as RFC 9113 section 5.1.2 requires, and let the others carry on.
+
+    h2 4 instead raises TooManyStreamsError, a connection error, and grpclib then
+    drops the whole connection with every stream on it. h2 has no public hook for
+    this, so its HEADERS handler in the private ``_frame_dispatch_table`` is
+    wrapped. The refused stream is then closed-by-reset for h2: later frames on it
+    get RST_STREAM and their flow-control credit back, as for any reset stream.
+    """
+    table = h2._frame_dispatch_table
+    receive_headers = table[HeadersFrame]
+
+    def refusing(frame: HeadersFrame) -> tuple[list[Frame], list[Any]]:
+        try:
+            handled: tuple[list[Frame], list[Any]] = receive_headers(frame)
+            return handled
+        except TooManyStreamsError:
+            h2.decoder.decode(frame.data)  # keep HPACK state in step with the client
+            stream_id = frame.stream_id
+            h2.highest_inbound_stream_id = max(h2.highest_inbound_stream_id, stream_id)
+            h2._closed_streams[stream_id] = StreamClosedBy.SEND_RST_STREAM
+            reset = RstStreamFrame(stream_id)
+            reset.error_code = ErrorCodes.REFUSED_STREAM
+            return [reset], []
+
+    table[HeadersFrame] = refusing
 
 
 def _refuse(transport: asyncio.BaseTransport, cap: int | None) -> None:
