@@ -20,7 +20,7 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 from grpclib.exceptions import GRPCError
 
-from . import healthcheck, logs, server, supervisor, tls
+from . import healthcheck, limits, logs, server, supervisor, tls
 from .accumulator import check_int32
 from .client import NumberClient
 from .worker import Worker
@@ -201,6 +201,50 @@ def main() -> None:
     help="Processes sharing the port (SO_REUSEPORT), restarted when they die; "
     "0 or auto: one per core.",
 )
+@_serve_option(
+    "--max-message-size",
+    type=click.IntRange(min=0),
+    default=limits.DEFAULT_MAX_MESSAGE_SIZE,
+    help="Largest request message, bytes; a larger one ends its stream with RESOURCE_EXHAUSTED.",
+)
+@_serve_option(
+    "--max-concurrent-streams",
+    type=click.IntRange(1, 2**31 - 1),
+    default=limits.DEFAULT_MAX_CONCURRENT_STREAMS,
+    help="Streams open at once per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); "
+    "clients queue the rest.",
+)
+@_serve_option(
+    "--max-connections",
+    type=click.IntRange(min=0),
+    default=limits.DEFAULT_MAX_CONNECTIONS,
+    help="Open connections at once; more are closed at once with a GOAWAY. 0: no cap.",
+)
+@_serve_option(
+    "--keepalive-time",
+    type=click.FloatRange(min=0),
+    default=limits.DEFAULT_KEEPALIVE_TIME,
+    help="Seconds between the server's keepalive pings on each connection. 0: no pings.",
+)
+@_serve_option(
+    "--keepalive-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=limits.DEFAULT_KEEPALIVE_TIMEOUT,
+    help="Seconds a ping may go unanswered before the connection is closed.",
+)
+@_serve_option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0),
+    default=limits.DEFAULT_IDLE_TIMEOUT,
+    help="Seconds a connection may have no stream before it is closed with a GOAWAY. 0: never.",
+)
+@_serve_option(
+    "--stream-idle-timeout",
+    type=click.FloatRange(min=0),
+    default=0,
+    help="Seconds a stream may go without a request before it ends with "
+    "DEADLINE_EXCEEDED. 0: never.",
+)
 def serve(
     host: str,
     port: int,
@@ -213,6 +257,13 @@ def serve(
     tls_key: str | None,
     tls_client_ca: str | None,
     workers: int,
+    max_message_size: int,
+    max_concurrent_streams: int,
+    max_connections: int,
+    keepalive_time: float,
+    keepalive_timeout: float,
+    idle_timeout: float,
+    stream_idle_timeout: float,
 ) -> None:
     """Run the server in the foreground until SIGTERM or SIGINT, then drain and exit 0.
 
@@ -222,7 +273,22 @@ def serve(
     worker = Worker.from_env()
     fields = worker.log_fields() if worker is not None else None
     logs.configure(log_level, "json" if log_format.lower() == "json" else "text", fields)
-    config = server.ServeConfig(host, port, grace, metrics_host, metrics_port)
+    config = server.ServeConfig(
+        host,
+        port,
+        grace,
+        metrics_host,
+        metrics_port,
+        limits=limits.Limits(
+            max_message_size=max_message_size,
+            max_concurrent_streams=max_concurrent_streams,
+            max_connections=max_connections or None,
+            keepalive_time=keepalive_time or None,
+            keepalive_timeout=keepalive_timeout,
+            idle_timeout=idle_timeout or None,
+            stream_idle_timeout=stream_idle_timeout or None,
+        ),
+    )
     config.tls = _server_tls(tls_cert, tls_key, tls_client_ca)
     config.workers = workers
     config.worker = worker

@@ -26,6 +26,7 @@ from grpclib.health.service import Health
 from grpclib.server import Server
 
 from .codec import NumberCodec
+from .limits import Connections, Limits, MessageSizeLimit
 from .logs import log_stream_end
 from .metrics import Metrics, MetricsEndpoint
 from .reflection import with_reflection
@@ -58,6 +59,7 @@ class ServeConfig:
     tls: TLSConfig | None = None  # None: plaintext
     workers: int = 1  # processes; more than 1 is run by the command's supervisor.py
     worker: Worker | None = None  # set when this process is one of those workers
+    limits: Limits = field(default_factory=Limits)  # message size, streams, connections ...
 
 
 @dataclass
@@ -68,16 +70,20 @@ class NumberServer:
     streams: Streams
     health: ServiceStatus
     metrics: Metrics = field(default_factory=Metrics)
+    connections: Connections | None = None  # open connections and their limits
 
     @classmethod
-    def build(cls) -> NumberServer:
-        number = NumberService()
+    def build(cls, limits: Limits | None = None) -> NumberServer:
+        """The server with ``limits`` (default: :class:`Limits`' defaults)."""
+        limits = Limits() if limits is None else limits
+        number = NumberService(stream_idle_timeout=limits.stream_idle_timeout)
         health = ServiceStatus()
         services = with_reflection([number, Health({number: [health]})])
-        server = Server(services, codec=NumberCodec())
+        server = Server(services, codec=NumberCodec(), config=limits.grpclib_config())
         streams = Streams(server, services, drained=[ACCUMULATE_NUMBERS])
         streams.on_end.append(log_stream_end)
-        built = cls(server, streams, health)
+        MessageSizeLimit(server, limits.max_message_size)
+        built = cls(server, streams, health, connections=Connections(server, limits))
         built.metrics.attach(streams)
         return built
 
@@ -143,7 +149,7 @@ async def serve(config: ServeConfig | None = None) -> None:
     context = None if config.tls is None else config.tls.server_context()
     worker = config.worker
     sock = bind(config.host, config.port, reuse_port=worker is not None)
-    built = NumberServer.build()
+    built = NumberServer.build(config.limits)
     if worker is not None:
         worker.attach(built.server)
     endpoint = None

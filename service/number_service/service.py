@@ -22,6 +22,11 @@ _UNDECODABLE = "request could not be decoded as tutorial.NumberRequest: "
 class NumberService(NumberServiceBase):
     """Answers every request on a stream with the sum so far; streams share nothing."""
 
+    def __init__(self, *, stream_idle_timeout: float | None = None) -> None:
+        """``stream_idle_timeout``: end a stream that sends no request for this many
+        seconds with DEADLINE_EXCEEDED (None: wait as long as the client likes)."""
+        self.stream_idle_timeout = stream_idle_timeout
+
     async def accumulate_numbers(
         self, number_request_iterator: AsyncIterator[NumberRequest]
     ) -> AsyncIterator[NumberResponse]:
@@ -29,7 +34,8 @@ class NumberService(NumberServiceBase):
         # resumes, so every answer goes out before the next request is read.
         acc = Accumulator()
         answered = 0
-        async for request in _decoded(number_request_iterator):
+        requests = _decoded(number_request_iterator, self.stream_idle_timeout)
+        async for request in requests:
             if type(request.num) is not int:  # betterproto's own decoder lets this through
                 raise GRPCError(Status.INTERNAL, _UNDECODABLE + "num is not an int32")
             try:
@@ -45,7 +51,9 @@ class NumberService(NumberServiceBase):
                 await asyncio.sleep(0)
 
 
-async def _decoded(requests: AsyncIterator[NumberRequest]) -> AsyncIterator[NumberRequest]:
+async def _decoded(
+    requests: AsyncIterator[NumberRequest], idle_timeout: float | None = None
+) -> AsyncIterator[NumberRequest]:
     """Yield requests; turn a request that cannot be read into a gRPC status.
 
     grpclib decodes each message inside the request iterator and reports any codec
@@ -53,12 +61,26 @@ async def _decoded(requests: AsyncIterator[NumberRequest]) -> AsyncIterator[Numb
     with a message; so do we, whatever codec the server was built with. Only
     :class:`~number_service.codec.NumberCodec` (used by ``create_server``) judges
     the bytes exactly as Google's parser does.
+
+    With ``idle_timeout``, waiting longer than that for the next request ends the
+    stream with DEADLINE_EXCEEDED: the client's own deadline is the usual way for
+    a call to time out, so the same status, with a message naming the flag.
     """
     while True:
         try:
-            request = await anext(requests)
+            if idle_timeout is None:
+                request = await anext(requests)
+            else:
+                async with asyncio.timeout(idle_timeout):
+                    request = await anext(requests)
         except StopAsyncIteration:
             return
+        except TimeoutError:
+            raise GRPCError(
+                Status.DEADLINE_EXCEEDED,
+                f"no request for {idle_timeout:g} s (--stream-idle-timeout); "
+                "the sums so far are valid, start a new stream to continue",
+            ) from None
         except (GRPCError, StreamTerminatedError):
             raise
         except NotImplementedError as err:  # grpclib's answer to a compressed message
