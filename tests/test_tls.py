@@ -319,6 +319,30 @@ def test_cli_serves_and_calls_over_tls(certs: Certs, mtls: bool) -> None:
     # (the health check logs at debug only)
 
 
+def test_workers_serve_mtls_each(certs: Certs) -> None:
+    """--workers passes the TLS flags on: every worker does mTLS, none serves plaintext."""
+    srv = start_server(
+        0, "--workers", "2", "--tls-cert", str(certs.server_cert),
+        "--tls-key", str(certs.server_key), "--tls-client-ca", str(certs.ca),
+    )  # fmt: skip
+    client = ("--tls-ca", certs.ca, "--tls-cert", certs.client_cert, "--tls-key", certs.client_key)
+    try:
+        assert f"listening on {HOST}:{srv.port} (2 workers, mtls)" in srv.stderr.text()
+        for _ in range(6):  # separate connections: the kernel spreads them over both
+            assert _accumulate(srv.port, *client) == (0, "".join(f"{s}\n" for s in SUMS), "")
+            code, _, err = _accumulate(srv.port, "--tls-ca", certs.ca)  # no certificate
+            assert code == 1, err
+    finally:
+        code = srv.stop(signal.SIGTERM)
+        log = srv.stderr.rest()
+        reap(srv.proc)
+    assert code == 0, log
+    assert "Traceback" not in log, log
+    served = re.findall(r"stream ended .* worker=(\d+)", log)
+    assert len(served) == 6, log  # the valid calls, each served by a worker
+    assert set(served) <= {"0", "1"}, log
+
+
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
