@@ -362,10 +362,16 @@ def test_workers_serve_mtls_each(certs: Certs) -> None:
              "--tls-client-ca", "{server_key}"],
             ["client CA", "server.key"],
         ),
+        (
+            ["serve", "--workers", "2", "--tls-cert", "{tmp}/missing.pem", "--tls-key",
+             "{server_key}"],
+            ["certificate", "missing.pem", "No such file"],
+        ),
         (["accumulate", "--tls-cert", "{client_cert}", "1"], ["--tls-cert", "--tls-key"]),
         (["accumulate", "--tls-ca", "{server_key}", "1"], ["CA", "server.key"]),
     ],
-    ids=["cert-only", "key-only", "ca-only", "missing", "wrong-key", "bad-ca", "client-cert-only",
+    ids=["cert-only", "key-only", "ca-only", "missing", "wrong-key", "bad-ca", "workers-missing",
+         "client-cert-only",
          "client-bad-ca"],
 )  # fmt: skip
 def test_cli_bad_tls_settings_are_one_line_exit_2(

@@ -297,6 +297,8 @@ def serve(
         worker.ignore_interrupts()
     try:
         if workers > 1 and worker is None:
+            if config.tls is not None:
+                config.tls.server_context()  # a bad file: one line here, not one per worker
             args = click.get_current_context().meta[_RAW_ARGS]
             sys.exit(asyncio.run(supervisor.Supervisor(config, args).run()))
         asyncio.run(server.serve(config))
