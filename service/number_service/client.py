@@ -34,6 +34,7 @@ from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.metadata import Deadline
+from h2.connection import ConnectionState
 
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
@@ -249,24 +250,27 @@ class NumberClient:
         except Exception as err:
             if in_body and not getattr(err, _TRANSPORT, False):
                 raise  # the caller's own error (or its input's): not ours to relabel
-            unanswered = call is None or call.initial_metadata is None
-            raise self._status_for(err, timeout, deadline, unanswered) from err
+            raise self._status_for(err, timeout, deadline, call) from err
 
     def _status_for(
         self,
         err: Exception,
         timeout: float | None,
         deadline: Deadline | None,
-        unanswered: bool,
+        call: _Call | None,
     ) -> GRPCError:
-        """The gRPC status for a failure of the transport under a call;
-        ``unanswered``: the server sent nothing on this call's stream."""
+        """The gRPC status for a failure of the transport under ``call`` (None: it
+        failed before the stream was made)."""
         if isinstance(err, TimeoutError) or (deadline and not deadline.time_remaining()):
             return GRPCError(Status.DEADLINE_EXCEEDED, f"deadline of {timeout} s exceeded")
         if isinstance(err, StreamTerminatedError):
-            message = f"stream to {self._target} cut off: {err}"
             reason = str(err)
-            if not unanswered or not reason.startswith(_CONNECTION_ENDS):
+            if reason == _LOST and _goaway_received(call):
+                reason = "the server closed the connection with a GOAWAY"  # not "lost"
+            message = f"stream to {self._target} cut off: {reason}"
+            if call is not None and call.initial_metadata is not None:
+                return GRPCError(Status.UNAVAILABLE, message)  # answered: never retried
+            if not reason.startswith(_CONNECTION_ENDS):
                 return GRPCError(Status.UNAVAILABLE, message)
             if reason == _LOST:
                 # A TLS server drops a plaintext connection, and an mTLS server one
@@ -333,7 +337,18 @@ class Session:
 
 # grpclib's reasons for ending every stream of a connection (grpclib.protocol).
 _LOST = "Connection lost"
-_CONNECTION_ENDS = (_LOST, "Received GOAWAY frame")
+_CONNECTION_ENDS = (_LOST, "Received GOAWAY frame", "the server closed the connection")
+
+
+def _goaway_received(call: _Call | None) -> bool:
+    """Whether the call's connection got a GOAWAY. grpclib says "Connection lost"
+    even then, if the close that follows the GOAWAY is read before the call's task
+    runs (its second reason overwrites the first). There is no public way to ask:
+    h2's connection state says it, reached through grpclib's private ``_stream``
+    and ``_h2_connection``; h2 is CLOSED only after a GOAWAY, sent or received,
+    and a grpclib client never sends one."""
+    h2 = getattr(getattr(call, "_stream", None), "_h2_connection", None)
+    return h2 is not None and h2.state_machine.state is ConnectionState.CLOSED
 
 
 class _UnansweredError(GRPCError):
