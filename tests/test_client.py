@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import struct
 from collections.abc import AsyncIterator
 
 import pytest
 from grpclib import events
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from hyperframe.frame import HeadersFrame
 from processes import free_port
+from rawh2 import GOAWAY, PREFACE, SETTINGS, frame, parse_frames
 
 from number_service import INT32_MAX, INT32_MIN, NumberClient, NumberServer, Retry
 from number_service.pytest_plugin import RunningServer
@@ -247,3 +251,144 @@ def test_a_client_made_outside_the_event_loop_works_inside_it() -> None:
             await server.shutdown(grace=0)
 
     assert asyncio.run(main()) == [4, 9]
+
+
+# --- a call whose connection ends before the server answered ----------------------------
+
+
+class CuttingFront:
+    """A listener in front of a real server: its first ``cut`` connections end as
+    soon as the client's request HEADERS arrive, unanswered (with a GOAWAY saying
+    no stream was processed, or without a word: "lost"); later ones are piped
+    through. This is what a grpclib client meets when a server closes an idle
+    connection just as a call starts, made deterministic."""
+
+    def __init__(self, backend_port: int, cut: int, *, goaway: bool) -> None:
+        self.backend_port = backend_port
+        self.cut = cut
+        self.goaway = goaway
+        self.connections = 0
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> CuttingFront:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        try:
+            if self.connections <= self.cut:
+                await self._cut(reader, writer)
+            else:
+                await self._pipe(reader, writer)
+        finally:
+            writer.close()
+
+    async def _cut(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = b""
+        while chunk := await asyncio.wait_for(reader.read(65536), 10):
+            data += chunk
+            frames, _ = parse_frames(data[len(PREFACE) :])
+            if any(isinstance(f, HeadersFrame) for f in frames):
+                break
+        if self.goaway:  # NO_ERROR, last stream id 0: no stream was processed
+            writer.write(frame(SETTINGS, 0, 0) + frame(GOAWAY, 0, 0, struct.pack("!II", 0, 0)))
+            await writer.drain()
+            # Read on until the client hangs up: closing with its later frames unread
+            # would make the kernel send a reset, which can destroy the GOAWAY.
+            while await asyncio.wait_for(reader.read(65536), 10):
+                pass
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        back_reader, back_writer = await asyncio.open_connection("127.0.0.1", self.backend_port)
+
+        async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while chunk := await src.read(65536):
+                    dst.write(chunk)
+                    await dst.drain()
+            dst.close()
+
+        try:
+            await asyncio.gather(copy(reader, back_writer), copy(back_reader, writer))
+        finally:
+            back_writer.close()
+
+
+@pytest.mark.parametrize("goaway", [True, False], ids=["goaway", "lost"])
+async def test_a_call_cut_off_before_any_answer_is_retried_once_on_a_new_connection(
+    number_server: RunningServer, goaway: bool
+) -> None:
+    """The first connection ends (GOAWAY, or lost) before the server answered the
+    call: the call is sent again on a new connection and succeeds."""
+    async with (
+        CuttingFront(number_server.port, cut=1, goaway=goaway) as front,
+        NumberClient("127.0.0.1", front.port, timeout=10) as client,
+    ):
+        assert [s async for s in client.accumulate([1, 2, 3])] == [1, 3, 6]
+        assert [s async for s in client.accumulate((4,))] == [4]
+        assert front.connections == 2
+
+
+@pytest.mark.parametrize("goaway", [True, False], ids=["goaway", "lost"])
+async def test_a_call_cut_off_twice_is_unavailable_with_a_hint_only_when_lost(
+    number_server: RunningServer, goaway: bool
+) -> None:
+    """Retried once only: a second cut is UNAVAILABLE. The "connect with TLS" hint
+    (what a TLS server's silent drop looks like) is given for a lost connection,
+    never after a GOAWAY: a server that sends one speaks plaintext HTTP/2."""
+    async with (
+        CuttingFront(number_server.port, cut=2, goaway=goaway) as front,
+        NumberClient("127.0.0.1", front.port, timeout=10) as client,
+    ):
+        with pytest.raises(GRPCError) as caught:
+            async for _ in client.accumulate([1, 2, 3]):
+                pass
+        assert caught.value.status is Status.UNAVAILABLE
+        message = str(caught.value.message)
+        if goaway:
+            assert "GOAWAY" in message
+            assert "TLS" not in message
+        else:
+            assert "Connection lost" in message
+            assert "connect with TLS" in message
+        assert front.connections == 2
+        assert [s async for s in client.accumulate([5])] == [5]  # the third is piped
+
+
+async def test_a_half_read_iterator_is_not_replayed(number_server: RunningServer) -> None:
+    """An iterator the call was still reading when the connection went cannot be
+    rewound: UNAVAILABLE, no retry, and nothing taken from it twice."""
+    taken: list[int] = []
+    more = asyncio.Event()
+
+    async def numbers() -> AsyncIterator[int]:
+        taken.append(1)
+        yield 1
+        await asyncio.wait_for(more.wait(), 10)  # still waiting when the cut comes
+        taken.append(2)
+        yield 2
+
+    async with (
+        CuttingFront(number_server.port, cut=1, goaway=True) as front,
+        NumberClient("127.0.0.1", front.port, timeout=10) as client,
+    ):
+        with pytest.raises(GRPCError) as caught:
+            async for _ in client.accumulate(numbers()):
+                pass
+        assert caught.value.status is Status.UNAVAILABLE
+        assert taken == [1]
+        assert front.connections == 1

@@ -25,7 +25,7 @@ from h2.exceptions import TooManyStreamsError
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame, PingFrame, SettingsFrame
 from polling import eventually
-from processes import start_server
+from processes import run, start_server
 from rawh2 import (
     PREFACE,
     SETTINGS,
@@ -318,9 +318,11 @@ async def test_a_peer_that_never_answers_pings_is_closed() -> None:
 
 
 async def test_a_peer_that_answers_pings_keeps_its_connection() -> None:
-    """keepalive 0.2 s / 0.2 s: a client that answers PINGs (h2 does) is pinged
-    several times over ~1.5 s, idle and with a stream open, and keeps its connection."""
-    limits = Limits(keepalive_time=0.2, keepalive_timeout=0.2, idle_timeout=None)
+    """keepalive 0.2 s / 2 s: a client that answers PINGs (h2 does) is pinged
+    several times over ~1.5 s, idle and with a stream open, and keeps its connection.
+    (The generous timeout: client and server share this test's event loop, so an
+    answer can be read late after a stall of the machine.)"""
+    limits = Limits(keepalive_time=0.2, keepalive_timeout=2.0, idle_timeout=None)
     async with serving(limits) as (_, port), await handshaken(port) as client:
         pinged = 0
         loop = asyncio.get_running_loop()
@@ -374,6 +376,34 @@ async def test_an_idle_connection_is_closed_a_busy_one_is_not() -> None:
         assert built.connections.idle_closed == 2
 
 
+def test_idle_timeout_is_off_by_default_keepalive_is_on() -> None:
+    """A grpclib client fails a call that races with an idle close, so connections
+    are not closed for idleness unless asked; keepalive reaps dead peers instead."""
+    assert Limits().idle_timeout is None
+    assert Limits().keepalive_time is not None
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", PREFACE[:10], PREFACE],
+    ids=["nothing", "part-of-the-preface", "preface-without-settings"],
+)
+async def test_keepalive_alone_closes_a_peer_that_never_completes_http2(sent: bytes) -> None:
+    """keepalive 0.2 s / 0.5 s, no idle timeout: a peer that connects and sends
+    nothing, part of the HTTP/2 preface, or the preface but no SETTINGS, is pinged
+    (grpclib pings from the moment the connection is made; h2 allows it before the
+    client's preface) and closed, and its slot under the cap is freed."""
+    limits = Limits(keepalive_time=0.2, keepalive_timeout=0.5)
+    assert limits.idle_timeout is None
+    async with serving(limits) as (built, port), await RawSocket.connect(port) as peer:
+        await peer.send(sent)
+        await eventually(lambda: built.connections is not None and built.connections.open == 1)
+        received = await peer.read(timeout=TIMEOUT)  # until the server closes
+        assert received.closed, "the server kept a peer that never completed HTTP/2"
+        assert any(isinstance(f, PingFrame) for f in received.frames), received.frame_types()
+        await eventually(lambda: built.connections is not None and built.connections.open == 0)
+
+
 # --- 5. per-stream idle timeout ---------------------------------------------------------
 
 
@@ -404,9 +434,10 @@ async def test_a_silent_stream_ends_with_deadline_exceeded() -> None:
 
 
 async def test_a_stream_that_keeps_sending_is_not_cut() -> None:
-    """stream idle timeout 0.3 s: one request every 0.1 s for 1.5 s is served whole."""
+    """stream idle timeout 1 s: one request every 0.1 s for 1.5 s is served whole
+    (10x margin: client and server share this test's event loop)."""
     async with (
-        serving(Limits(stream_idle_timeout=0.3)) as (_, port),
+        serving(Limits(stream_idle_timeout=1.0)) as (_, port),
         NumberClient(HOST, port, timeout=TIMEOUT) as client,
     ):
 
@@ -464,6 +495,8 @@ def test_limits_are_checked() -> None:
     """Nonsense limits are refused when the configuration is made, not at run time."""
     for bad in (
         {"max_message_size": -1},
+        {"max_message_size": 0},
+        {"tls_handshake_timeout": 0.0},
         {"max_concurrent_streams": 0},
         {"max_connections": 0},
         {"keepalive_time": 0.0},
@@ -472,3 +505,36 @@ def test_limits_are_checked() -> None:
     ):
         with pytest.raises(ValueError, match=next(iter(bad))):
             Limits(**bad)
+
+
+def test_max_message_size_0_is_a_usage_error() -> None:
+    """0 would mean "refuse every message", where 0 turns other limits off: refused."""
+    result = run("serve", "--port", "0", "--max-message-size", "0")
+    assert result.returncode == 2, result
+    assert "--max-message-size" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_log_level_warning_hides_the_limits_info_lines() -> None:
+    """--log-level warning: the cap's warning shows, its info line ("accepting
+    connections again") does not; the server's own ready and stop lines still do."""
+    srv = start_server(0, "--max-connections", "1", "--log-level", "warning")
+    try:
+        async with await handshaken(srv.port):
+            async with await RawSocket.connect(srv.port) as extra:
+                assert (await extra.read(timeout=TIMEOUT)).closed
+            await asyncio.to_thread(srv.stderr.wait_for, "connection cap reached")
+        loop = asyncio.get_running_loop()
+        end = loop.time() + TIMEOUT
+        while True:  # until the server has seen `first` go and admits a connection
+            async with await RawSocket.connect(srv.port) as again:
+                await again.send(PREFACE + frame(SETTINGS, 0, 0))
+                if not (await again.read(timeout=0.5)).closed:
+                    break
+            assert loop.time() < end, "no connection admitted after the first closed"
+    finally:
+        assert srv.stop() == 0
+    lines = srv.stderr.rest().splitlines()
+    assert not [line for line in lines if "accepting connections again" in line], lines
+    assert any("listening on" in line for line in lines), lines
+    assert any("stopped" in line for line in lines), lines

@@ -29,8 +29,10 @@ from grpcio_peer import Grpcio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from processes import HOST, assert_one_error_line, reap, run, start_server
+from rawh2 import RawSocket
 
 from number_service import NumberClient
+from number_service.limits import Limits
 from number_service.server import NumberServer, address_of, bind
 from number_service.tls import TLSConfig, TLSFileError, client_context, server_context
 
@@ -102,10 +104,10 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
 
 
 @asynccontextmanager
-async def serving(context: ssl.SSLContext) -> AsyncIterator[int]:
+async def serving(context: ssl.SSLContext, limits: Limits | None = None) -> AsyncIterator[int]:
     """A real NumberServer with ``context`` on 127.0.0.1:<ephemeral>; yields the port."""
     sock = bind(HOST, 0)
-    built = NumberServer.build()
+    built = NumberServer.build(limits)
     await built.start(sock, context)
     try:
         yield address_of(sock)[1]
@@ -171,6 +173,28 @@ async def test_client_verifies_the_server_ca_and_name(certs: Certs) -> None:
         err = await refused(port, client_context(ca=certs.ca))
         assert "CERTIFICATE_VERIFY_FAILED" in str(err.message)
         assert "127.0.0.1" in str(err.message)  # "IP address mismatch ... '127.0.0.1'"
+
+
+async def test_a_tls_handshake_never_started_is_cut_after_the_handshake_timeout(
+    certs: Certs,
+) -> None:
+    """TLS handshake timeout 0.5 s, cap 2: ten TCP connections that never send a
+    ClientHello (not yet counted by the cap) are all closed by the server; a TLS
+    client is served meanwhile and after."""
+    assert Limits().tls_handshake_timeout == 10.0
+    limits = Limits(tls_handshake_timeout=0.5, max_connections=2)
+    async with serving(server_context(certs.server_cert, certs.server_key), limits) as port:
+        silent = [await RawSocket.connect(port) for _ in range(10)]
+        try:
+            assert await sums(port, client_context(ca=certs.ca)) == SUMS
+            for peer in silent:
+                received = await peer.read(timeout=CALL_TIMEOUT)
+                assert received.closed, "a connection stuck before its TLS handshake stayed"
+                assert received.data == b""
+        finally:
+            for peer in silent:
+                await peer.close()
+        assert await sums(port, client_context(ca=certs.ca)) == SUMS
 
 
 # --- mutual TLS --------------------------------------------------------------------

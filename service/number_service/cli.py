@@ -203,9 +203,10 @@ def main() -> None:
 )
 @_serve_option(
     "--max-message-size",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=1),
     default=limits.DEFAULT_MAX_MESSAGE_SIZE,
-    help="Largest request message, bytes; a larger one ends its stream with RESOURCE_EXHAUSTED.",
+    help="Largest request message, bytes (at least 1); a larger one ends its stream "
+    "with RESOURCE_EXHAUSTED.",
 )
 @_serve_option(
     "--max-concurrent-streams",
@@ -235,8 +236,9 @@ def main() -> None:
 @_serve_option(
     "--idle-timeout",
     type=click.FloatRange(min=0),
-    default=limits.DEFAULT_IDLE_TIMEOUT,
-    help="Seconds a connection may have no stream before it is closed with a GOAWAY. 0: never.",
+    default=0,
+    help="Seconds a connection may have no stream before it is closed with a GOAWAY. "
+    "0 (default): never; keepalive still closes dead peers.",
 )
 @_serve_option(
     "--stream-idle-timeout",

@@ -34,6 +34,7 @@ from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.metadata import Deadline
+from h2.connection import ConnectionState
 
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
@@ -50,6 +51,7 @@ _Call = Stream[NumberRequest, NumberResponse]
 # pushes back on the server instead of this process buffering without bound.
 _READ_AHEAD = 64
 _YIELD_EVERY = 32  # requests sent between two turns given to the event loop
+_REPLAY_MAX = 1024  # numbers of an iterable kept to replay an unanswered call
 
 
 @dataclass(frozen=True)
@@ -166,21 +168,33 @@ class NumberClient:
         elif isinstance(numbers, (list, tuple)):
             for num in numbers:
                 check_int32(num)
-        async with self._call(timeout, metadata) as call:
-            inbox: asyncio.Queue[int | BaseException | None] = asyncio.Queue(_READ_AHEAD)
-            sender = asyncio.create_task(_send_all(call, numbers, inbox))
-            receiver = asyncio.create_task(_receive_all(call, inbox))
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else Deadline.from_timeout(timeout)
+        for attempt in (1, 2):
+            sent: list[int] = []  # what this attempt sent, while it may be replayed
+            sender: asyncio.Task[bool] | None = None
             try:
-                while (item := await inbox.get()) is not None:
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-                if not sender.done() or not sender.result():
-                    raise _ended_early()
-            finally:
-                for task in (sender, receiver):
-                    task.cancel()
-                await asyncio.gather(sender, receiver, return_exceptions=True)
+                async with self._call(timeout, metadata, deadline) as call:
+                    inbox: asyncio.Queue[int | BaseException | None] = asyncio.Queue(_READ_AHEAD)
+                    sender = asyncio.create_task(_send_all(call, numbers, inbox, sent))
+                    receiver = asyncio.create_task(_receive_all(call, inbox))
+                    try:
+                        while (item := await inbox.get()) is not None:
+                            if isinstance(item, BaseException):
+                                raise item
+                            yield item
+                        if not sender.done() or not sender.result():
+                            raise _ended_early()
+                    finally:
+                        for task in (sender, receiver):
+                            task.cancel()
+                        await asyncio.gather(sender, receiver, return_exceptions=True)
+                return
+            except _UnansweredError:
+                replay = _replayable(numbers, sent, sender)
+                if attempt == 2 or replay is None:
+                    raise
+                numbers = replay  # once, on a new connection (grpclib makes one)
 
     @asynccontextmanager
     async def session(
@@ -199,11 +213,22 @@ class NumberClient:
             await session.close()
 
     @asynccontextmanager
-    async def _call(self, timeout: float | None, metadata: Metadata | None) -> AsyncIterator[_Call]:
-        """Open one AccumulateNumbers stream; map transport failures to gRPC statuses."""
+    async def _call(
+        self,
+        timeout: float | None,
+        metadata: Metadata | None,
+        deadline: Deadline | None = None,
+    ) -> AsyncIterator[_Call]:
+        """Open one AccumulateNumbers stream; map transport failures to gRPC statuses.
+
+        ``deadline`` (else one from ``timeout``) lets a retried call spend the first
+        attempt's deadline rather than start a new one.
+        """
         timeout = self.timeout if timeout is None else timeout
-        deadline = None if timeout is None else Deadline.from_timeout(timeout)
+        if deadline is None and timeout is not None:
+            deadline = Deadline.from_timeout(timeout)
         in_body = False
+        call: _Call | None = None
         try:
             if self.retry is not None:  # retrying spends the call's deadline too
                 async with asyncio.timeout(deadline.time_remaining() if deadline else None):
@@ -225,23 +250,39 @@ class NumberClient:
         except Exception as err:
             if in_body and not getattr(err, _TRANSPORT, False):
                 raise  # the caller's own error (or its input's): not ours to relabel
-            raise self._status_for(err, timeout, deadline) from err
+            raise self._status_for(err, timeout, deadline, call) from err
 
     def _status_for(
-        self, err: Exception, timeout: float | None, deadline: Deadline | None
+        self,
+        err: Exception,
+        timeout: float | None,
+        deadline: Deadline | None,
+        call: _Call | None,
     ) -> GRPCError:
-        """The gRPC status for a failure of the transport under a call."""
+        """The gRPC status for a failure of the transport under ``call`` (None: it
+        failed before the stream was made)."""
         if isinstance(err, TimeoutError) or (deadline and not deadline.time_remaining()):
             return GRPCError(Status.DEADLINE_EXCEEDED, f"deadline of {timeout} s exceeded")
         if isinstance(err, StreamTerminatedError):
-            # A TLS server drops a plaintext connection, and an mTLS server one whose
-            # certificate it refuses, with no word the client can read: say so.
-            message = f"stream to {self._target} cut off: {err}"
-            if self._ssl is not None:
-                message += " (an mTLS server drops connections without a certificate it accepts)"
-            elif self._owns_channel:
-                message += " (if the server uses TLS, connect with TLS)"
-            return GRPCError(Status.UNAVAILABLE, message)
+            reason = str(err)
+            if reason == _LOST and _goaway_received(call):
+                reason = "the server closed the connection with a GOAWAY"  # not "lost"
+            message = f"stream to {self._target} cut off: {reason}"
+            if call is not None and call.initial_metadata is not None:
+                return GRPCError(Status.UNAVAILABLE, message)  # answered: never retried
+            if not reason.startswith(_CONNECTION_ENDS):
+                return GRPCError(Status.UNAVAILABLE, message)
+            if reason == _LOST:
+                # A TLS server drops a plaintext connection, and an mTLS server one
+                # whose certificate it refuses, with no word the client can read.
+                # Not after a GOAWAY: a server that sends one speaks our protocol.
+                if self._ssl is not None:
+                    message += (
+                        " (an mTLS server drops connections without a certificate it accepts)"
+                    )
+                elif self._owns_channel:
+                    message += " (if the server uses TLS, connect with TLS)"
+            return _UnansweredError(Status.UNAVAILABLE, message)
         if isinstance(err, OSError):
             return GRPCError(Status.UNAVAILABLE, f"cannot reach {self._target}: {err}")
         return GRPCError(
@@ -294,6 +335,50 @@ class Session:
                 await self._call.recv_trailing_metadata()
 
 
+# grpclib's reasons for ending every stream of a connection (grpclib.protocol).
+_LOST = "Connection lost"
+_CONNECTION_ENDS = (_LOST, "Received GOAWAY frame", "the server closed the connection")
+
+
+def _goaway_received(call: _Call | None) -> bool:
+    """Whether the call's connection got a GOAWAY. grpclib says "Connection lost"
+    even then, if the close that follows the GOAWAY is read before the call's task
+    runs (its second reason overwrites the first). There is no public way to ask:
+    h2's connection state says it, reached through grpclib's private ``_stream``
+    and ``_h2_connection``; h2 is CLOSED only after a GOAWAY, sent or received,
+    and a grpclib client never sends one."""
+    h2 = getattr(getattr(call, "_stream", None), "_h2_connection", None)
+    return h2 is not None and h2.state_machine.state is ConnectionState.CLOSED
+
+
+class _UnansweredError(GRPCError):
+    """UNAVAILABLE for a call whose connection ended (lost, or GOAWAY) before the
+    server sent anything on the call's stream.
+
+    Such a call is retried once on a new connection, as grpcio and grpc-go retry
+    streams a server never processed: typically the server closed an idle
+    connection (``--idle-timeout``) just as the call started. Replaying it is safe
+    even if the server did see it: the running sum lives in the stream, which the
+    connection took with it, and the caller has been given no sum yet.
+    """
+
+
+def _replayable(
+    numbers: Numbers, sent: list[int], sender: asyncio.Task[bool] | None
+) -> Numbers | None:
+    """The numbers to send again for a retry, or None if they cannot all be had.
+
+    A sequence is simply sent again, and so is anything not read yet (the call
+    failed at its opening). Any other iterable only if every number was taken
+    from it and sent (what is in ``sent``): a half-read iterator cannot be rewound.
+    """
+    if sender is None or isinstance(numbers, (list, tuple, range)):
+        return numbers
+    if sender.done() and not sender.cancelled() and sender.result() and len(sent) < _REPLAY_MAX:
+        return sent
+    return None
+
+
 # Marks an exception that grpclib raised under a call, as opposed to one of the
 # caller's own passing through the call's block: only the former becomes a status.
 _TRANSPORT = "_number_service_transport"
@@ -326,23 +411,29 @@ async def _numbers(numbers: Numbers) -> AsyncIterator[int]:
 
 
 async def _send_all(
-    call: _Call, numbers: Numbers, inbox: asyncio.Queue[int | BaseException | None]
+    call: _Call,
+    numbers: Numbers,
+    inbox: asyncio.Queue[int | BaseException | None],
+    sent: list[int],
 ) -> bool:
-    """Send every number, then half-close; True once half-closed.
+    """Send every number, then half-close; True once half-closed. The numbers sent
+    go into ``sent`` (up to ``_REPLAY_MAX`` of them, for a retry).
 
     A bad number or a failing ``numbers`` iterator is reported through ``inbox``.
     A failed send only returns False: the stream is gone, and the receiver reports
     why (the server's status, or the lost connection).
     """
-    sent = 0
+    count = 0
     try:
         async for num in _numbers(numbers):
             try:
                 await call.send_message(NumberRequest(num=num))
             except Exception:
                 return False
-            sent += 1
-            if sent % _YIELD_EVERY == 0:
+            if len(sent) < _REPLAY_MAX:
+                sent.append(num)
+            count += 1
+            if count % _YIELD_EVERY == 0:
                 # Sends complete without suspending while the peer's window is
                 # open (4 MiB by default): give the receiver its turn.
                 await asyncio.sleep(0)

@@ -48,7 +48,8 @@ DEFAULT_MAX_CONCURRENT_STREAMS = 100  # h2's and grpclib's until now; gRPC core'
 DEFAULT_MAX_CONNECTIONS = 1000  # below the usual `ulimit -n` of 1024
 DEFAULT_KEEPALIVE_TIME = 300.0  # seconds between pings on each connection
 DEFAULT_KEEPALIVE_TIMEOUT = 20.0  # seconds for a ping's answer; gRPC's default
-DEFAULT_IDLE_TIMEOUT = 300.0  # seconds a connection may have no stream
+DEFAULT_IDLE_TIMEOUT = None  # off, as gRPC's MaxConnectionIdle: see Limits.idle_timeout
+DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds a TLS client has to finish its handshake
 
 _PREFIX = 5  # a gRPC message's compressed flag and 4-byte length
 
@@ -62,17 +63,30 @@ class Limits:
     max_connections: int | None = DEFAULT_MAX_CONNECTIONS  # open at once, per process
     keepalive_time: float | None = DEFAULT_KEEPALIVE_TIME  # seconds between pings
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT  # close if the ping's ACK is late
-    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT  # close a connection without streams
+    # Close a connection without streams after this long. Off by default: a grpclib
+    # client (ours too) fails a call that races with that close, where grpcio and
+    # grpc-go retry it; keepalive reaps dead and silent peers anyway.
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT
     stream_idle_timeout: float | None = None  # end a stream with no request for this long
+    # Under TLS: close a connection whose TLS handshake is not done after this long
+    # (asyncio's ssl_handshake_timeout). Such a connection is not yet counted by
+    # max_connections nor seen by keepalive: both start once the handshake is done.
+    tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
 
     def __post_init__(self) -> None:
-        if self.max_message_size < 0:
-            raise ValueError("max_message_size must not be negative")
+        if self.max_message_size < 1:
+            raise ValueError("max_message_size must be at least 1 (there is no off)")
         if not 1 <= self.max_concurrent_streams <= 2**31 - 1:
             raise ValueError("max_concurrent_streams must be 1 to 2147483647")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError("max_connections must be at least 1 (None: no cap)")
-        for name in ("keepalive_time", "keepalive_timeout", "idle_timeout", "stream_idle_timeout"):
+        for name in (
+            "keepalive_time",
+            "keepalive_timeout",
+            "idle_timeout",
+            "stream_idle_timeout",
+            "tls_handshake_timeout",
+        ):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive (None: off)")

@@ -56,12 +56,29 @@ class _AddFields(logging.Filter):
         return True
 
 
+class _AtLevel(logging.Filter):
+    """Passes records at ``level`` or above, and the ``number_service`` logger's own
+    info lines (start, ready, drain, stop) at any level; its children
+    (``number_service.limits``, ...) follow ``level`` like every other logger."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or (
+            record.name == log.name and record.levelno >= logging.INFO
+        )
+
+
 def configure(
     level: str = "info", fmt: LogFormat = "text", fields: Mapping[str, object] | None = None
 ) -> None:
     """Send our logs to stderr at ``level``, as text or JSON lines; ``fields`` are
     added to every line (a worker's index and pid)."""
     handler = logging.StreamHandler(sys.stderr)
+    level_no = logging.getLevelName(level.upper())
+    handler.addFilter(_AtLevel(level_no))
     if fields:
         handler.addFilter(_AddFields(fields))
     if fmt == "json":
@@ -75,10 +92,10 @@ def configure(
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # Start, ready (with the address), drain and stop lines show at any level.
-    log.setLevel(min(logging.INFO, root.level))
-    stream_log.setLevel(root.level)
+    # Start, ready (with the address), drain and stop lines show at any level: the
+    # loggers let info through, the handler's filter drops the rest below ``level``.
+    root.setLevel(min(logging.INFO, level_no))
+    stream_log.setLevel(level_no)  # one line per stream: not even made when unwanted
     # grpclib logs each cancelled request at info; our stream line covers it.
     grpclib_level = logging.DEBUG if level.lower() == "debug" else logging.WARNING
     logging.getLogger("grpclib").setLevel(grpclib_level)

@@ -26,7 +26,7 @@ from grpclib.health.service import Health
 from grpclib.server import Server
 
 from .codec import NumberCodec
-from .limits import Connections, Limits, MessageSizeLimit
+from .limits import DEFAULT_TLS_HANDSHAKE_TIMEOUT, Connections, Limits, MessageSizeLimit
 from .logs import log_stream_end
 from .metrics import Metrics, MetricsEndpoint
 from .reflection import with_reflection
@@ -71,6 +71,7 @@ class NumberServer:
     health: ServiceStatus
     metrics: Metrics = field(default_factory=Metrics)
     connections: Connections | None = None  # open connections and their limits
+    tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT  # seconds, under TLS
 
     @classmethod
     def build(cls, limits: Limits | None = None) -> NumberServer:
@@ -83,13 +84,40 @@ class NumberServer:
         streams = Streams(server, services, drained=[ACCUMULATE_NUMBERS])
         streams.on_end.append(log_stream_end)
         MessageSizeLimit(server, limits.max_message_size)
-        built = cls(server, streams, health, connections=Connections(server, limits))
+        built = cls(
+            server,
+            streams,
+            health,
+            connections=Connections(server, limits),
+            tls_handshake_timeout=limits.tls_handshake_timeout,
+        )
         built.metrics.attach(streams)
         return built
 
     async def start(self, sock: socket.socket, ssl: _ssl.SSLContext | None = None) -> None:
-        """Serve on ``sock``; with ``ssl`` (see ``tls.server_context``), TLS only."""
-        await self.server.start(sock=sock, ssl=ssl)
+        """Serve on ``sock``; with ``ssl`` (see ``tls.server_context``), TLS only.
+
+        A TLS client must finish its handshake within ``tls_handshake_timeout``
+        seconds or is disconnected: until then the connection cap and keepalive do
+        not see the connection (asyncio makes the protocol only after the handshake).
+        """
+        if ssl is None:
+            await self.server.start(sock=sock)
+        else:
+            # grpclib's Server.start has no ssl_handshake_timeout (asyncio's default is
+            # 60 s), so its three lines are repeated here with it; they set grpclib's
+            # private _server and _server_closed_fut, as Server.start does.
+            server = self.server
+            if server._server is not None:
+                raise RuntimeError("Server is already started")
+            loop = asyncio.get_running_loop()
+            server._server = await loop.create_server(
+                server._protocol_factory,
+                sock=sock,
+                ssl=ssl,
+                ssl_handshake_timeout=self.tls_handshake_timeout,
+            )
+            server._server_closed_fut = loop.create_future()
         self.health.set(True)
 
     async def shutdown(self, grace: float) -> None:
