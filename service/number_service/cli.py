@@ -20,7 +20,7 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 from grpclib.exceptions import GRPCError
 
-from . import healthcheck, limits, logs, server, supervisor, tls
+from . import healthcheck, limits, logs, metrics, server, supervisor, tls
 from .accumulator import check_int32
 from .client import NumberClient
 from .worker import Worker
@@ -273,6 +273,10 @@ def serve(
     worker = Worker.from_env()
     fields = worker.log_fields() if worker is not None else None
     logs.configure(log_level, "json" if log_format.lower() == "json" else "text", fields)
+    # Metric values live in memory, whatever PROMETHEUS_MULTIPROC_DIR says, except in
+    # a worker whose supervisor collects them from the directory it gave it.
+    shared = worker is not None and metrics_port is not None
+    metrics.use_values(os.environ.get(metrics.MULTIPROC_ENV) if shared else None)
     config = server.ServeConfig(
         host,
         port,

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from .metrics import MetricsEndpoint
+from .metrics import MULTIPROC_ENV, MetricsEndpoint
 from .server import ServeConfig, address_of, host_port
 from .worker import HURRY_SIGNAL, READY, WORKER_ENV
 
@@ -224,8 +224,11 @@ class Supervisor:
     ) -> asyncio.subprocess.Process:
         env = dict(os.environ)
         env[WORKER_ENV] = str(index)
+        # Only this parent's directory, and only with metrics on: one inherited from
+        # the environment is no one's to write to.
+        env.pop(MULTIPROC_ENV, None)
         if metrics_dir is not None:
-            env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            env[MULTIPROC_ENV] = metrics_dir
         # The last --workers and --port win over the ones in self.args. stdin is the
         # worker's lifeline (end of file: the parent is gone); stdout says "ready".
         return await asyncio.create_subprocess_exec(
