@@ -43,7 +43,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from number_service.codec import NumberCodec
 from number_service.service import ACCUMULATE_NUMBERS
-from number_service.supervisor import cpu_count
+from number_service.supervisor import METRICS_DIR_PREFIX, cpu_count, remove_stale_metrics_dirs
 from number_service.worker import WORKER_HEADER
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
@@ -51,6 +51,7 @@ TIMEOUT = 20.0  # seconds for any one wait on a server
 WORKER_LINE = re.compile(r"worker (\d+) (?:started|restarted): pid (\d+)")
 METRICS_LINE = re.compile(r"metrics of all workers on http://127\.0\.0\.1:(\d+)/metrics")
 Start = Callable[..., ServerProcess]
+Scraped = dict[tuple[str, frozenset[tuple[str, str]]], float]  # (name, labels) -> value
 
 
 def worker_pids(server: ServerProcess) -> dict[int, int]:
@@ -164,7 +165,7 @@ async def stream_on(
     pytest.fail(f"no connection landed on worker {worker} in 200 tries")
 
 
-def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def scrape(port: int) -> Scraped:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as reply:
         text = reply.read().decode()
     return {
@@ -172,6 +173,21 @@ def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+async def scrape_until(port: int, done: Callable[[Scraped], bool]) -> Scraped:
+    """Scrape until ``done(metrics)``: workers write their files in their own time."""
+    latest: Scraped = {}
+
+    async def check() -> bool:
+        latest.clear()
+        latest.update(await asyncio.to_thread(scrape, port))
+        return done(latest)
+
+    async with asyncio.timeout(TIMEOUT):
+        while not await check():
+            await asyncio.sleep(0.05)
+    return latest
 
 
 async def test_streams_from_separate_connections_are_served_by_both_workers(
@@ -258,7 +274,7 @@ async def test_metrics_of_both_workers_add_up_on_the_parents_endpoint(
         }
     )
 
-    def value(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str) -> float:
+    def value(metrics: Scraped, name: str) -> float:
         return metrics.get((name, labels), 0.0)
 
     async with asyncio.timeout(TIMEOUT):
@@ -266,15 +282,12 @@ async def test_metrics_of_both_workers_add_up_on_the_parents_endpoint(
         assert {worker for worker, _ in results} == {0, 1}
         async with contextlib.AsyncExitStack() as stack:
             open_streams = [await stream_on(stack, server.port, worker) for worker in (0, 1)]
-            metrics = await asyncio.to_thread(scrape, port)
-            assert value(metrics, "grpc_server_streams_in_flight") == 2
+            # Probes that stream_on closed may still count for a moment: wait for 2.
+            await scrape_until(port, lambda m: value(m, "grpc_server_streams_in_flight") == 2)
             for stream in open_streams:
                 await finish(stream)
         # A stream's end is counted just after its trailers go out: wait for the last.
-        metrics = await asyncio.to_thread(scrape, port)
-        while value(metrics, "grpc_server_streams_in_flight") != 0:
-            await asyncio.sleep(0.05)
-            metrics = await asyncio.to_thread(scrape, port)
+        metrics = await scrape_until(port, lambda m: value(m, "grpc_server_streams_in_flight") == 0)
     # The probes stream_on closed on its way count too: reckon from the total.
     started = value(metrics, "grpc_server_started_total")
     assert started >= 22
@@ -418,3 +431,73 @@ async def test_workers_whose_parent_is_killed_drain_and_exit(serve_workers: Star
     async with asyncio.timeout(TIMEOUT):
         await asyncio.to_thread(wait_for_all, server, "supervisor gone: draining")
         await eventually(lambda: not any(alive(pid) for pid in pids.values()), TIMEOUT)
+
+
+HANGING_WORKERS = """
+import os, time
+if os.environ.get("NUMBER_SERVICE_WORKER_INDEX"):
+    time.sleep(3600)  # never gets as far as listening
+else:
+    import number_service.supervisor
+    number_service.supervisor.READY_TIMEOUT = 1.0
+"""
+
+
+def test_a_worker_that_never_gets_ready_is_killed_and_stops_the_parent(tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(HANGING_WORKERS)
+    result = run("serve", "--port", "0", "--workers", "2", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1, result.stderr
+    assert re.search(r"worker \d \(pid \d+\) not listening after 1 s; killing it", result.stderr)
+    assert "was killed by SIGKILL before it was listening; stopped all workers" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+CHATTY_WORKERS = """
+import os, threading
+from number_service import worker
+
+def chatter(marker):
+    for _ in range(64):  # 4 MiB, far more than a pipe holds
+        os.write(1, b"x" * 65535 + b"\\n")
+    open(marker, "w").close()
+
+ready = worker.Worker.ready
+
+def ready_then_chatter(self, address):
+    ready(self, address)
+    marker = os.path.join(os.environ["CHATTER_DIR"], f"done-{self.index}")
+    threading.Thread(target=chatter, args=(marker,), daemon=True).start()
+
+worker.Worker.ready = ready_then_chatter
+"""
+
+
+async def test_a_worker_that_prints_after_it_is_ready_is_not_blocked(
+    serve_workers: Start, tmp_path: Path
+) -> None:
+    (tmp_path / "sitecustomize.py").write_text(CHATTY_WORKERS)
+    env = {"PYTHONPATH": str(tmp_path), "CHATTER_DIR": str(tmp_path)}
+    server = serve_workers("--workers", "2", env=env)
+    async with asyncio.timeout(TIMEOUT):
+        await eventually(lambda: {p.name for p in tmp_path.glob("done-*")} == {"done-0", "done-1"})
+        _, sums = await one_stream(server.port, [1, 2, 3])
+    assert sums == [1, 3, 6]
+    assert server.stop() == 0
+
+
+def test_stale_metrics_dirs_of_dead_parents_are_removed(tmp_path: Path) -> None:
+    gone = subprocess.Popen(["true"])  # noqa: S607
+    gone.wait()
+    names = {
+        "dead": f"{METRICS_DIR_PREFIX}{gone.pid}-abc",
+        "mine": f"{METRICS_DIR_PREFIX}{os.getpid()}-abc",  # an earlier run of this pid
+        "alive": f"{METRICS_DIR_PREFIX}{os.getppid()}-abc",  # another supervisor's
+        "odd": f"{METRICS_DIR_PREFIX}notapid",
+        "other": "something-else-1",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "counter_1.db").write_bytes(b"x")
+    remove_stale_metrics_dirs(str(tmp_path))
+    left = {path.name for path in tmp_path.iterdir()}
+    assert left == {names["alive"], names["odd"], names["other"]}

@@ -15,8 +15,14 @@ soon after start. A worker that dies before it is ready during start-up, or
 exit 1. SIGTERM or SIGINT: SIGTERM to every worker (each drains with --grace),
 wait, exit 0; a second signal cuts the workers' grace short.
 
+A worker not listening ``READY_TIMEOUT`` seconds after its start is killed: a failed
+start. After ``ready`` the parent keeps reading (and dropping) a worker's stdout, so
+that a worker that prints cannot block on a full pipe.
+
 With --metrics-port, workers write prometheus-client's multiprocess files to a
-temporary directory and the parent serves their sum; workers have no endpoint.
+temporary directory named after the parent's pid, and the parent serves their sum;
+workers have no endpoint. The parent removes the directory when it stops; one left
+by a parent that was killed is removed by the next parent that starts with metrics.
 """
 
 from __future__ import annotations
@@ -48,6 +54,8 @@ MAX_BACKOFF = 10.0
 STABLE_AFTER = 30.0  # a worker that ran this long starts its back-off afresh when it dies
 MAX_START_FAILURES = 5  # deaths before ready, in a row, after which the parent gives up
 KILL_AFTER = 10.0  # seconds past --grace after which workers still running are killed
+READY_TIMEOUT = 30.0  # seconds a worker may take to listen; then it is killed, a failed start
+METRICS_DIR_PREFIX = "number-service-metrics-"  # then the parent's pid and a random part
 
 
 def cpu_count() -> int:
@@ -144,7 +152,8 @@ class Supervisor:
         endpoint = None
         try:
             if self.config.metrics_port is not None:
-                metrics_dir = tempfile.mkdtemp(prefix="number-service-metrics-")
+                remove_stale_metrics_dirs(tempfile.gettempdir())
+                metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
                 registry = CollectorRegistry()
                 MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
                 host = self.config.metrics_host
@@ -181,11 +190,24 @@ class Supervisor:
                 slot.proc = proc
                 if self._stop.is_set():  # the signal came while it was being started
                     _kill(proc, signal.SIGTERM)
-                ready = await _wait_ready(proc)
+                ready = await _wait_ready(proc, READY_TIMEOUT)
+                discard = None
                 if ready:
                     self._on_ready(slot, proc.pid)
+                    # Read on, discarding: a chatty worker must not block on a full pipe.
+                    discard = asyncio.create_task(_discard(proc))
+                elif proc.returncode is None and not self._stop.is_set():
+                    log.warning(
+                        "worker %d (pid %d) not listening after %g s; killing it",
+                        slot.index,
+                        proc.pid,
+                        READY_TIMEOUT,
+                    )
+                    _kill(proc, signal.SIGKILL)
                 code = await proc.wait()
                 slot.proc = None
+                if discard is not None:
+                    await discard
                 if metrics_dir is not None:  # its in-flight gauge no longer counts
                     mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
                 how = describe_exit(code)
@@ -296,10 +318,58 @@ def _kill(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
             os.kill(proc.pid, sig)
 
 
-async def _wait_ready(proc: asyncio.subprocess.Process) -> bool:
-    """True once the worker says it is ready; False if it ends first."""
+async def _wait_ready(proc: asyncio.subprocess.Process, timeout: float) -> bool:
+    """True once the worker says it is ready; False if it ends first or takes
+    longer than ``timeout`` seconds."""
     assert proc.stdout is not None
-    while line := await proc.stdout.readline():
-        if line == READY:
-            return True
-    return False
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    line = await proc.stdout.readline()
+                except ValueError:  # a line over the stream's limit (dropped): not "ready"
+                    continue
+                if not line:
+                    return False
+                if line == READY:
+                    return True
+    except TimeoutError:
+        return False
+
+
+async def _discard(proc: asyncio.subprocess.Process) -> None:
+    """Read the worker's stdout to its end, keeping nothing."""
+    assert proc.stdout is not None
+    while await proc.stdout.read(65536):
+        pass
+
+
+def remove_stale_metrics_dirs(parent: str) -> None:
+    """Remove the metrics directories of supervisors that are gone (killed with
+    SIGKILL, say, so that they could not remove their own).
+
+    Each is named after its supervisor's pid. Another supervisor still running
+    keeps its directory; one with our own pid is a leftover of an earlier run of
+    this process's pid (a container's pid 1 restarted in place, say).
+    """
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            if not entry.name.startswith(METRICS_DIR_PREFIX):
+                continue
+            pid_text = entry.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
+            if not pid_text.isdigit():
+                continue
+            pid = int(pid_text)
+            if pid == os.getpid() or not _running(pid):
+                shutil.rmtree(entry.path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """A process with ``pid`` exists (perhaps another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
