@@ -41,9 +41,15 @@ from processes import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from number_service import supervisor
 from number_service.codec import NumberCodec
 from number_service.service import ACCUMULATE_NUMBERS
-from number_service.supervisor import METRICS_DIR_PREFIX, cpu_count, remove_stale_metrics_dirs
+from number_service.supervisor import (
+    METRICS_DIR_PREFIX,
+    cpu_count,
+    parse_cpu_max,
+    remove_stale_metrics_dirs,
+)
 from number_service.worker import WORKER_HEADER
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
@@ -308,6 +314,8 @@ def test_auto_starts_one_worker_per_core(serve_workers: Start, how: list[str]) -
     ready = server.stderr.seen[-1]
     if cores > 1:
         assert f"({cores} workers)" in ready
+        assert f"starting {cores} workers on" in server.stderr.text()
+        assert "(auto: cores usable: " in server.stderr.text()
         assert sorted(worker_pids(server)) == list(range(cores))
     else:  # one core: one worker is the plain single process
         assert "workers" not in ready
@@ -486,7 +494,7 @@ async def test_a_worker_that_prints_after_it_is_ready_is_not_blocked(
 
 
 def test_stale_metrics_dirs_of_dead_parents_are_removed(tmp_path: Path) -> None:
-    gone = subprocess.Popen(["true"])  # noqa: S607
+    gone = subprocess.Popen(["true"])
     gone.wait()
     names = {
         "dead": f"{METRICS_DIR_PREFIX}{gone.pid}-abc",
@@ -501,3 +509,33 @@ def test_stale_metrics_dirs_of_dead_parents_are_removed(tmp_path: Path) -> None:
     remove_stale_metrics_dirs(str(tmp_path))
     left = {path.name for path in tmp_path.iterdir()}
     assert left == {names["alive"], names["odd"], names["other"]}
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"),
+    [
+        ("max 100000\n", None),
+        ("200000 100000\n", 2),
+        ("150000 100000", 2),  # a part of a CPU still needs a worker: rounded up
+        ("50000 100000", 1),
+        ("100000 100000", 1),
+        ("", None),
+        ("garbage", None),
+        ("0 100000", None),
+        ("1 x", None),
+    ],
+)
+def test_cgroup_cpu_max_is_read_as_whole_cpus(text: str, cpus: int | None) -> None:
+    assert parse_cpu_max(text) == cpus
+
+
+@pytest.mark.parametrize(("quota", "expected"), [(None, 4), (2, 2), (8, 4)])
+def test_auto_is_the_fewer_of_usable_cores_and_the_cpu_quota(
+    monkeypatch: pytest.MonkeyPatch, quota: int | None, expected: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(supervisor, "cgroup_cpu_quota", lambda: quota)
+    count, why = supervisor.auto_workers()
+    assert count == expected
+    assert "cores usable: 4" in why
+    assert ("no cgroup CPU quota" in why) == (quota is None)

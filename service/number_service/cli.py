@@ -102,7 +102,8 @@ def _serve_option(flag: str, **kwargs: Any) -> Callable[[_F], _F]:
 
 
 class WorkerCount(click.ParamType[int, Any]):
-    """``--workers``: a count of processes; 0 or ``auto`` is one per core."""
+    """``--workers``: a count of processes; 0 or ``auto`` (0) is one per core, found
+    by ``serve`` (see ``supervisor.auto_workers``)."""
 
     name = "N|auto"
 
@@ -120,7 +121,7 @@ class WorkerCount(click.ParamType[int, Any]):
             self.fail(
                 f"{count} is negative; use 1 or more, or 0 or 'auto' for one per core", param, ctx
             )
-        return count if count else supervisor.cpu_count()
+        return count
 
 
 _RAW_ARGS = "number_service.raw_args"
@@ -294,6 +295,12 @@ def serve(
         ),
     )
     config.tls = _server_tls(tls_cert, tls_key, tls_client_ca)
+    why = ""
+    if not workers:  # auto
+        workers, why = supervisor.auto_workers()
+        why = f"auto: {why}"
+        if workers == 1 and worker is None:
+            logging.getLogger("number_service").info("one process (--workers %s)", why)
     config.workers = workers
     config.worker = worker
     if worker is not None:  # the supervisor serves the metrics of all workers
@@ -304,7 +311,7 @@ def serve(
             if config.tls is not None:
                 config.tls.server_context()  # a bad file: one line here, not one per worker
             args = click.get_current_context().meta[_RAW_ARGS]
-            sys.exit(asyncio.run(supervisor.Supervisor(config, args).run()))
+            sys.exit(asyncio.run(supervisor.Supervisor(config, args, why).run()))
         asyncio.run(server.serve(config))
     except tls.TLSFileError as err:
         _fail(str(err), 2)

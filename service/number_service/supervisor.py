@@ -59,11 +59,62 @@ METRICS_DIR_PREFIX = "number-service-metrics-"  # then the parent's pid and a ra
 
 
 def cpu_count() -> int:
-    """Cores this process may run on (its affinity mask, where the OS has one)."""
+    """How many workers ``--workers auto`` starts: see :func:`auto_workers`."""
+    return auto_workers()[0]
+
+
+def auto_workers() -> tuple[int, str]:
+    """One worker per core this process may use, and how that was found: the cores
+    of its affinity mask, fewer if its cgroup (v2) has a CPU quota, as a container
+    with a CPU limit does (``cpu: "1"`` on an 8-core node: 1 worker, not 8)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is None:
+        return cores, f"cores usable: {cores}, no cgroup CPU quota"
+    return min(cores, quota), f"cores usable: {cores}, cgroup CPU quota: {quota}"
+
+
+def cgroup_cpu_quota() -> int | None:
+    """Whole CPUs this process's cgroup v2 ``cpu.max`` allows (rounded up), or None
+    where there is no quota or no cgroup v2. Only its own cgroup is read, not those above."""
+    for path in _cgroup_cpu_max_paths():
+        try:
+            with open(path) as file:
+                return parse_cpu_max(file.read())
+        except OSError:
+            continue
+    return None
+
+
+def _cgroup_cpu_max_paths() -> list[str]:
+    """Where this process's ``cpu.max`` may be: under its own cgroup v2 path (a
+    systemd unit, say), then at the root (in a container with its own cgroup namespace)."""
+    paths = []
+    with contextlib.suppress(OSError):
+        with open("/proc/self/cgroup") as file:
+            for line in file:
+                if line.startswith("0::/"):
+                    paths.append(f"/sys/fs/cgroup{line[3:].strip().rstrip('/')}/cpu.max")
+    paths.append("/sys/fs/cgroup/cpu.max")
+    return list(dict.fromkeys(paths))
+
+
+def parse_cpu_max(text: str) -> int | None:
+    """``cpu.max`` ("QUOTA PERIOD" in microseconds, or "max PERIOD") as whole CPUs,
+    rounded up: "200000 100000" is 2, "150000 100000" is 2, "max 100000" is None."""
+    parts = text.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, -(-quota // period))
 
 
 def backoff(quick_deaths: int) -> float:
@@ -133,8 +184,10 @@ class _Slot:
 class Supervisor:
     """Runs ``config.workers`` workers of ``serve`` with ``args`` until a signal."""
 
-    def __init__(self, config: ServeConfig, args: Sequence[str]) -> None:
+    def __init__(self, config: ServeConfig, args: Sequence[str], why: str = "") -> None:
+        """``why``: how the number of workers was chosen, for the start line (auto)."""
         self.config = config
+        self.why = why
         self.args = list(args)  # the serve options as given; workers get them too
         self.slots = [_Slot(i) for i in range(config.workers)]
         self.failure: str | None = None  # why the parent gave up, if it did
@@ -161,7 +214,8 @@ class Supervisor:
                 log.info("metrics of all workers on http://%s:%d/metrics", host, endpoint.port)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal)
-            log.info("starting %d workers on %s", len(self.slots), self._address)
+            why = f" ({self.why})" if self.why else ""
+            log.info("starting %d workers on %s%s", len(self.slots), self._address, why)
             tasks = [
                 asyncio.create_task(self._keep(slot, port, metrics_dir)) for slot in self.slots
             ]
