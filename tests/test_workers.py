@@ -191,9 +191,10 @@ async def scrape_until(port: int, done: Callable[[Scraped], bool]) -> Scraped:
         return done(latest)
 
     async with asyncio.timeout(TIMEOUT):
-        while not await check():
+        while True:
+            if await check():
+                return latest
             await asyncio.sleep(0.05)
-    return latest
 
 
 async def test_streams_from_separate_connections_are_served_by_both_workers(

@@ -93,11 +93,10 @@ def _cgroup_cpu_max_paths() -> list[str]:
     """Where this process's ``cpu.max`` may be: under its own cgroup v2 path (a
     systemd unit, say), then at the root (in a container with its own cgroup namespace)."""
     paths = []
-    with contextlib.suppress(OSError):
-        with open("/proc/self/cgroup") as file:
-            for line in file:
-                if line.startswith("0::/"):
-                    paths.append(f"/sys/fs/cgroup{line[3:].strip().rstrip('/')}/cpu.max")
+    with contextlib.suppress(OSError), open("/proc/self/cgroup") as file:
+        for line in file:
+            if line.startswith("0::/"):
+                paths.append(f"/sys/fs/cgroup{line[3:].strip().rstrip('/')}/cpu.max")
     paths.append("/sys/fs/cgroup/cpu.max")
     return list(dict.fromkeys(paths))
 
