@@ -92,6 +92,7 @@ async def _from_lines(stream: IO[str]) -> AsyncIterator[int]:
 
 
 ENV_PREFIX = "NUMBER_SERVICE_"
+HEALTH_ENV_PREFIX = ENV_PREFIX + "HEALTH_"  # health's TLS client options; see health
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -335,29 +336,47 @@ def _server_tls(cert: str | None, key: str | None, client_ca: str | None) -> tls
     return tls.TLSConfig(cert, key, client_ca)
 
 
-def _client_tls_options(command: _F) -> _F:
-    """The client side's TLS flags, shared by ``accumulate`` and ``health``."""
+def _client_tls_options(env_prefix: str | None = None) -> Callable[[_F], _F]:
+    """The client side's TLS flags, shared by ``accumulate`` and ``health``; with
+    ``env_prefix``, each also reads ``<env_prefix>TLS``, ``<env_prefix>TLS_CA`` ..."""
+
+    def env(name: str) -> dict[str, Any]:
+        return {} if env_prefix is None else {"envvar": env_prefix + name, "show_envvar": True}
+
     options = [
         click.option(
-            "--tls", "use_tls", is_flag=True, help="Connect with TLS, trusting the system's CAs."
+            "--tls",
+            "use_tls",
+            is_flag=True,
+            help="Connect with TLS, trusting the system's CAs.",
+            **env("TLS"),
         ),
         click.option(
             "--tls-ca",
             type=click.Path(dir_okay=False),
             help="Connect with TLS, trusting only this PEM CA (implies --tls).",
+            **env("TLS_CA"),
         ),
         click.option(
             "--tls-cert",
             type=click.Path(dir_okay=False),
             help="Client certificate for mutual TLS (implies --tls); needs --tls-key.",
+            **env("TLS_CERT"),
         ),
         click.option(
-            "--tls-key", type=click.Path(dir_okay=False), help="PEM private key of --tls-cert."
+            "--tls-key",
+            type=click.Path(dir_okay=False),
+            help="PEM private key of --tls-cert.",
+            **env("TLS_KEY"),
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+
+    def add(command: _F) -> _F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return add
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -366,7 +385,7 @@ def _client_tls_options(command: _F) -> _F:
     "--port", type=click.IntRange(1, 65535), default=server.DEFAULT_PORT, show_default=True
 )
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Deadline, seconds.")
-@_client_tls_options
+@_client_tls_options()
 @click.argument("numbers", nargs=-1)
 def accumulate(
     host: str,
@@ -455,7 +474,14 @@ async def _accumulate(
     default=healthcheck.DEFAULT_TIMEOUT,
     help="Seconds to wait for the answer.",
 )
-@_client_tls_options
+@_client_tls_options(HEALTH_ENV_PREFIX)
+@click.option(
+    "--tls-server-name",
+    envvar=HEALTH_ENV_PREFIX + "TLS_SERVER_NAME",
+    show_envvar=True,
+    help="Name the server's certificate must be issued for, when --host is not one "
+    "(a container checking itself on 127.0.0.1) [default: --host].",
+)
 def health(
     host: str,
     port: int,
@@ -465,15 +491,21 @@ def health(
     tls_ca: str | None,
     tls_cert: str | None,
     tls_key: str | None,
+    tls_server_name: str | None,
 ) -> None:
     """Ask the server's gRPC health service; exit 0 if SERVING, else 1 with the reason.
 
-    For container health checks: `HEALTHCHECK CMD number-service health`.
+    For container health checks: `HEALTHCHECK CMD number-service health`. Its TLS
+    options read NUMBER_SERVICE_HEALTH_TLS_*: serve's NUMBER_SERVICE_TLS_CERT and
+    _KEY are the server's own certificate, not the client's.
     """
     context = _client_tls(use_tls, tls_ca, tls_cert, tls_key)
     logging.getLogger("asyncio").setLevel(logging.ERROR)  # as in accumulate
     try:
-        asyncio.run(healthcheck.check(host, port, service, timeout, ssl=context))
+        check = healthcheck.check(
+            host, port, service, timeout, ssl=context, server_name=tls_server_name
+        )
+        asyncio.run(check)
     except healthcheck.UnhealthyError as err:
         _fail(str(err), 1)
     click.echo("SERVING")
