@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import subprocess
+import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -47,6 +48,7 @@ from number_service.service import ACCUMULATE_NUMBERS
 from number_service.supervisor import (
     METRICS_DIR_PREFIX,
     cpu_count,
+    make_metrics_dir,
     parse_cpu_max,
     remove_stale_metrics_dirs,
 )
@@ -494,22 +496,51 @@ async def test_a_worker_that_prints_after_it_is_ready_is_not_blocked(
     assert server.stop() == 0
 
 
-def test_stale_metrics_dirs_of_dead_parents_are_removed(tmp_path: Path) -> None:
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    names = {
-        "dead": f"{METRICS_DIR_PREFIX}{gone.pid}-abc",
-        "mine": f"{METRICS_DIR_PREFIX}{os.getpid()}-abc",  # an earlier run of this pid
-        "alive": f"{METRICS_DIR_PREFIX}{os.getppid()}-abc",  # another supervisor's
-        "odd": f"{METRICS_DIR_PREFIX}notapid",
-        "other": "something-else-1",
-    }
-    for name in names.values():
-        (tmp_path / name).mkdir()
-        (tmp_path / name / "counter_1.db").write_bytes(b"x")
-    remove_stale_metrics_dirs(str(tmp_path))
-    left = {path.name for path in tmp_path.iterdir()}
-    assert left == {names["alive"], names["odd"], names["other"]}
+def test_only_unlocked_metrics_dirs_are_removed(tmp_path: Path) -> None:
+    in_use, in_use_lock = make_metrics_dir_in(tmp_path)
+    _, stale_lock = make_metrics_dir_in(tmp_path)
+    os.close(stale_lock)  # what the end of its parent does, SIGKILL or not
+    unlocked = tmp_path / f"{METRICS_DIR_PREFIX}1-new"  # being made: no lock file yet
+    unlocked.mkdir()
+    other = tmp_path / "something-else"
+    other.mkdir()
+    try:
+        remove_stale_metrics_dirs(str(tmp_path))
+        left = {path.name for path in tmp_path.iterdir()}
+        assert left == {Path(in_use).name, unlocked.name, other.name}
+    finally:
+        os.close(in_use_lock)
+
+
+def make_metrics_dir_in(where: Path) -> tuple[str, int]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(where))
+        path, lock = make_metrics_dir()
+    (Path(path) / "counter_1.db").write_bytes(b"x")
+    return path, lock
+
+
+def metrics_dirs(where: Path) -> list[Path]:
+    return list(where.glob(f"{METRICS_DIR_PREFIX}*"))
+
+
+async def test_the_metrics_dir_of_a_killed_parent_is_removed_by_the_next(
+    serve_workers: Start, tmp_path: Path
+) -> None:
+    env = {"TMPDIR": str(tmp_path)}
+    first = serve_workers("--workers", "2", "--metrics-port", "0", env=env)
+    (left,) = metrics_dirs(tmp_path)
+    pids = worker_pids(first)
+    first.proc.kill()
+    first.proc.wait(EXIT_TIMEOUT)
+    async with asyncio.timeout(TIMEOUT):  # its workers drain and exit by themselves
+        await eventually(lambda: not any(alive(pid) for pid in pids.values()), TIMEOUT)
+    assert metrics_dirs(tmp_path) == [left]  # nobody could remove it
+    second = serve_workers("--workers", "2", "--metrics-port", "0", env=env)
+    (now,) = metrics_dirs(tmp_path)
+    assert now != left
+    assert second.stop() == 0
+    assert metrics_dirs(tmp_path) == []
 
 
 @pytest.mark.parametrize(

@@ -20,15 +20,17 @@ start. After ``ready`` the parent keeps reading (and dropping) a worker's stdout
 that a worker that prints cannot block on a full pipe.
 
 With --metrics-port, workers write prometheus-client's multiprocess files to a
-temporary directory named after the parent's pid, and the parent serves their sum;
-workers have no endpoint. The parent removes the directory when it stops; one left
-by a parent that was killed is removed by the next parent that starts with metrics.
+temporary directory, and the parent serves their sum; workers have no endpoint. The
+parent removes the directory when it stops, and holds a lock on it while it runs:
+one left by a parent that was killed is unlocked, and the next parent that starts
+with metrics removes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -56,6 +58,7 @@ MAX_START_FAILURES = 5  # deaths before ready, in a row, after which the parent 
 KILL_AFTER = 10.0  # seconds past --grace after which workers still running are killed
 READY_TIMEOUT = 30.0  # seconds a worker may take to listen; then it is killed, a failed start
 METRICS_DIR_PREFIX = "number-service-metrics-"  # then the parent's pid and a random part
+METRICS_DIR_LOCK = ".lock"  # held (flock) by the parent while its directory is in use
 
 
 def cpu_count() -> int:
@@ -201,11 +204,11 @@ class Supervisor:
         port = address_of(sock)[1]
         loop = asyncio.get_running_loop()
         metrics_dir = None
+        lock = None
         endpoint = None
         try:
             if self.config.metrics_port is not None:
-                remove_stale_metrics_dirs(tempfile.gettempdir())
-                metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
+                metrics_dir, lock = make_metrics_dir()
                 registry = CollectorRegistry()
                 MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
                 host = self.config.metrics_host
@@ -227,6 +230,8 @@ class Supervisor:
                 await endpoint.close()
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
+            if lock is not None:
+                os.close(lock)
             sock.close()
         if self.failure is not None:
             log.error("%s; stopped all workers", self.failure)
@@ -397,32 +402,53 @@ async def _discard(proc: asyncio.subprocess.Process) -> None:
         pass
 
 
-def remove_stale_metrics_dirs(parent: str) -> None:
-    """Remove the metrics directories of supervisors that are gone (killed with
-    SIGKILL, say, so that they could not remove their own).
+def make_metrics_dir() -> tuple[str, int]:
+    """A new directory for the workers' metrics files, and the descriptor of the lock
+    that marks it in use until this process closes it or ends (even by SIGKILL).
 
-    Each is named after its supervisor's pid. Another supervisor still running
-    keeps its directory; one with our own pid is a leftover of an earlier run of
-    this process's pid (a container's pid 1 restarted in place, say).
+    Directories of parents that are gone are removed first. Raises OSError saying
+    where, e.g. under a read-only root file system without a writable TMPDIR.
+    """
+    try:
+        parent = tempfile.gettempdir()  # the first writable of TMPDIR, /tmp ...
+        remove_stale_metrics_dirs(parent)
+        path = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-", dir=parent)
+        lock = os.open(os.path.join(path, METRICS_DIR_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise OSError(
+            f"cannot make the workers' metrics directory: {reason} "
+            "(mount a writable /tmp, or set TMPDIR to a writable directory)"
+        ) from None
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return path, lock
+
+
+def remove_stale_metrics_dirs(parent: str) -> None:
+    """Remove the metrics directories of parents that are gone (killed with SIGKILL,
+    say, so that they could not remove their own).
+
+    A directory is stale when its lock file is not locked: the kernel releases a
+    parent's lock when it ends, however it ends, and a pid would not do (another
+    container sharing the directory has pids of its own). One without a lock file
+    yet is being made, and is left alone.
     """
     with contextlib.suppress(OSError):
         for entry in os.scandir(parent):
-            if not entry.name.startswith(METRICS_DIR_PREFIX):
-                continue
-            pid_text = entry.name.removeprefix(METRICS_DIR_PREFIX).split("-", 1)[0]
-            if not pid_text.isdigit():
-                continue
-            pid = int(pid_text)
-            if pid == os.getpid() or not _running(pid):
-                shutil.rmtree(entry.path, ignore_errors=True)
+            if entry.name.startswith(METRICS_DIR_PREFIX) and entry.is_dir(follow_symlinks=False):
+                _remove_if_unlocked(entry.path)
 
 
-def _running(pid: int) -> bool:
-    """A process with ``pid`` exists (perhaps another user's)."""
+def _remove_if_unlocked(path: str) -> None:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        lock = os.open(os.path.join(path, METRICS_DIR_LOCK), os.O_RDWR)
+    except OSError:  # no lock file (yet), or not ours to open
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # locked: its parent is running
+        return
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os.close(lock)
