@@ -325,3 +325,26 @@ def test_readme_names_what_gives_l7_balancing() -> None:
         for word in shlex.split(line):
             if word.startswith(("deploy/", "./deploy/")):
                 assert (ROOT / word).exists(), line
+
+
+def test_every_path_the_server_writes_is_writable() -> None:
+    """With a read-only root file system, the temporary directory (where `serve
+    --workers N --metrics-port` keeps the workers' metrics files) must be a volume."""
+    main = container()
+    if not main.get("securityContext", {}).get("readOnlyRootFilesystem"):
+        return
+    tmp = env_of(main).get("TMPDIR", "/tmp")  # tempfile.gettempdir() in the image
+    pod = only("Deployment")["spec"]["template"]["spec"]
+    volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+    mounts = {m["mountPath"].rstrip("/"): m for m in main.get("volumeMounts", [])}
+    assert tmp.rstrip("/") in mounts, f"{tmp} is not mounted: nothing can be written there"
+    mount = mounts[tmp.rstrip("/")]
+    assert not mount.get("readOnly", False)
+    assert "emptyDir" in volumes[mount["name"]], volumes[mount["name"]]
+
+
+def test_readme_says_how_to_probe_a_tls_server() -> None:
+    """Kubernetes' grpc: probes cannot do TLS: the exec probe and its variables are named."""
+    text = (DEPLOY / "README.md").read_text()
+    for needle in ("exec", "number-service health", "NUMBER_SERVICE_HEALTH_TLS_CA"):
+        assert needle in text, needle

@@ -9,10 +9,13 @@ also checks that the server still serves a valid client afterwards.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
 import signal
+import socket
 import ssl
+import struct
 import subprocess
 import sys
 import textwrap
@@ -28,13 +31,15 @@ import trustme
 from grpcio_peer import Grpcio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
-from processes import HOST, assert_one_error_line, reap, run, start_server
-from rawh2 import RawSocket
+from processes import HOST, assert_one_error_line, free_port, reap, run, start_server
+from rawh2 import H2Client, RawSocket
 
 from number_service import NumberClient
 from number_service.limits import Limits
 from number_service.server import NumberServer, address_of, bind
 from number_service.tls import TLSConfig, TLSFileError, client_context, server_context
+from number_service.worker import WORKER_HEADER
+from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 CALL_TIMEOUT = 10.0  # seconds for every call, so that no test can hang
 NUMS = [1, 2, 3, -10]
@@ -343,28 +348,146 @@ def test_cli_serves_and_calls_over_tls(certs: Certs, mtls: bool) -> None:
     # (the health check logs at debug only)
 
 
-def test_workers_serve_mtls_each(certs: Certs) -> None:
-    """--workers passes the TLS flags on: every worker does mTLS, none serves plaintext."""
+async def _connect_from(
+    port: int, source_port: int, context: ssl.SSLContext
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TLS connection to ``port`` from 127.0.0.1:``source_port``. Closing it resets
+    it (SO_LINGER 0), so that the same source port can connect again at once."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.bind((HOST, source_port))
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, (HOST, port))
+        return await asyncio.open_connection(sock=sock, ssl=context, server_hostname=HOST)
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _worker_from(port: int, source_port: int, context: ssl.SSLContext) -> int:
+    """The worker that serves a stream from ``source_port`` (its initial metadata)."""
+    reader, writer = await _connect_from(port, source_port, context)
+    async with H2Client(RawSocket(reader, writer)) as client:
+        client.conn.initiate_connection()
+        reply = await client.call(bytes(NumberRequest(num=5)), timeout=CALL_TIMEOUT)
+    assert reply.grpc_status == 0, reply
+    assert reply.messages == [bytes(NumberResponse(sum=5))], reply
+    return int(dict(reply.headers)[WORKER_HEADER])
+
+
+def _refused_from(port: int, source_port: int, context: ssl.SSLContext) -> str:
+    """Connect from ``source_port`` without a client certificate: how the server ends
+    the connection (it fails the test if the server sends anything, e.g. the HTTP/2
+    SETTINGS every accepted client gets first). With TLS 1.3 the client's handshake
+    is over before the server checks its certificate; asyncio's server side then
+    closes without sending its alert, so the client reads end of file."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(CALL_TIMEOUT)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.bind((HOST, source_port))
+        sock.connect((HOST, port))
+        with context.wrap_socket(sock, server_hostname=HOST) as tls:
+            try:
+                tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+                data = tls.recv(65536)
+            except (ssl.SSLError, ConnectionResetError) as err:
+                return str(err)
+            if data == b"":
+                return "end of file"
+    pytest.fail(f"served a client without a certificate: {data!r}")
+
+
+async def test_workers_serve_mtls_each(certs: Certs) -> None:
+    """--workers passes the TLS flags on: each worker serves a client certificate and
+    refuses a connection without one.
+
+    SO_REUSEPORT picks the worker by the connection's addresses and ports, so
+    connections from one source port reach one worker: from each port, a valid
+    client, then one without a certificate, then a valid one again (the same worker
+    both times shows where the refused one went), until both workers are seen."""
     srv = start_server(
         0, "--workers", "2", "--tls-cert", str(certs.server_cert),
         "--tls-key", str(certs.server_key), "--tls-client-ca", str(certs.ca),
     )  # fmt: skip
-    client = ("--tls-ca", certs.ca, "--tls-cert", certs.client_cert, "--tls-key", certs.client_key)
+    valid = client_context(certs.ca, certs.client_cert, certs.client_key)
+    no_cert = client_context(certs.ca)
+    served: list[int] = []
+    refusals: dict[int, str] = {}
     try:
         assert f"listening on {HOST}:{srv.port} (2 workers, mtls)" in srv.stderr.text()
-        for _ in range(6):  # separate connections: the kernel spreads them over both
-            assert _accumulate(srv.port, *client) == (0, "".join(f"{s}\n" for s in SUMS), "")
-            code, _, err = _accumulate(srv.port, "--tls-ca", certs.ca)  # no certificate
-            assert code == 1, err
+        for _ in range(100):  # each worker is hit half the time: 100 tries always do
+            if len(refusals) == 2:
+                break
+            source_port = free_port()
+            try:
+                before = await _worker_from(srv.port, source_port, valid)
+                refusal = _refused_from(srv.port, source_port, no_cert)
+                after = await _worker_from(srv.port, source_port, valid)
+            except OSError as err:  # the port was taken meanwhile: try another
+                if err.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+                    raise
+                continue
+            assert before == after, (before, after)
+            served += [before, after]
+            refusals[before] = refusal
     finally:
         code = srv.stop(signal.SIGTERM)
         log = srv.stderr.rest()
         reap(srv.proc)
+    assert sorted(refusals) == [0, 1], (refusals, log)
     assert code == 0, log
     assert "Traceback" not in log, log
-    served = re.findall(r"stream ended .* worker=(\d+)", log)
-    assert len(served) == 6, log  # the valid calls, each served by a worker
-    assert set(served) <= {"0", "1"}, log
+    logged = [int(w) for w in re.findall(r"stream ended .* worker=(\d+)", log)]
+    assert sorted(logged) == sorted(served), log  # the valid calls, each where it was seen
+
+
+def test_health_reads_its_own_tls_settings_beside_serves(certs: Certs) -> None:
+    """In a container, serve's NUMBER_SERVICE_TLS_CERT/KEY are the server's; the
+    HEALTHCHECK finds its CA and client certificate in NUMBER_SERVICE_HEALTH_TLS_*."""
+    env = {
+        "NUMBER_SERVICE_TLS_CERT": str(certs.server_cert),
+        "NUMBER_SERVICE_TLS_KEY": str(certs.server_key),
+        "NUMBER_SERVICE_TLS_CLIENT_CA": str(certs.ca),
+    }
+    srv = start_server(0, env=env)
+    try:
+        env["NUMBER_SERVICE_PORT"] = str(srv.port)
+        result = run("health", env=env)  # serve's variables alone: no TLS client
+        assert result.returncode == 1
+        assert_one_error_line(result.stderr, "connection lost", "--tls")
+        env["NUMBER_SERVICE_HEALTH_TLS_CA"] = str(certs.ca)
+        result = run("health", env=env)  # no client certificate
+        assert result.returncode == 1
+        assert_one_error_line(result.stderr, "connection lost", "mTLS")
+        env["NUMBER_SERVICE_HEALTH_TLS_CERT"] = str(certs.client_cert)
+        env["NUMBER_SERVICE_HEALTH_TLS_KEY"] = str(certs.client_key)
+        result = run("health", env=env)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "SERVING\n", "")
+    finally:
+        assert srv.stop(signal.SIGTERM) == 0
+        reap(srv.proc)
+
+
+def test_health_checks_a_certificate_for_another_name_on_127_0_0_1(certs: Certs) -> None:
+    """A container checks itself on 127.0.0.1, but its certificate names the service:
+    --tls-server-name (NUMBER_SERVICE_HEALTH_TLS_SERVER_NAME) says which name to verify."""
+    srv = start_server(
+        0, "--tls-cert", str(certs.elsewhere_cert), "--tls-key", str(certs.elsewhere_key)
+    )
+    try:
+        env = {"NUMBER_SERVICE_PORT": str(srv.port), "NUMBER_SERVICE_HEALTH_TLS_CA": str(certs.ca)}
+        result = run("health", env=env)
+        assert result.returncode == 1
+        assert_one_error_line(result.stderr, "cannot verify", "127.0.0.1", "--tls-server-name")
+        env["NUMBER_SERVICE_HEALTH_TLS_SERVER_NAME"] = "elsewhere.example.test"
+        result = run("health", env=env)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "SERVING\n", "")
+    finally:
+        assert srv.stop(signal.SIGTERM) == 0
+        reap(srv.proc)
 
 
 @pytest.mark.parametrize(

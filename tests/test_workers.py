@@ -16,6 +16,7 @@ import re
 import signal
 import socket
 import subprocess
+import tempfile
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -41,9 +42,16 @@ from processes import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from number_service import supervisor
 from number_service.codec import NumberCodec
 from number_service.service import ACCUMULATE_NUMBERS
-from number_service.supervisor import cpu_count
+from number_service.supervisor import (
+    METRICS_DIR_PREFIX,
+    cpu_count,
+    make_metrics_dir,
+    parse_cpu_max,
+    remove_stale_metrics_dirs,
+)
 from number_service.worker import WORKER_HEADER
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
@@ -51,6 +59,7 @@ TIMEOUT = 20.0  # seconds for any one wait on a server
 WORKER_LINE = re.compile(r"worker (\d+) (?:started|restarted): pid (\d+)")
 METRICS_LINE = re.compile(r"metrics of all workers on http://127\.0\.0\.1:(\d+)/metrics")
 Start = Callable[..., ServerProcess]
+Scraped = dict[tuple[str, frozenset[tuple[str, str]]], float]  # (name, labels) -> value
 
 
 def worker_pids(server: ServerProcess) -> dict[int, int]:
@@ -164,7 +173,7 @@ async def stream_on(
     pytest.fail(f"no connection landed on worker {worker} in 200 tries")
 
 
-def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def scrape(port: int) -> Scraped:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as reply:
         text = reply.read().decode()
     return {
@@ -172,6 +181,22 @@ def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+async def scrape_until(port: int, done: Callable[[Scraped], bool]) -> Scraped:
+    """Scrape until ``done(metrics)``: workers write their files in their own time."""
+    latest: Scraped = {}
+
+    async def check() -> bool:
+        latest.clear()
+        latest.update(await asyncio.to_thread(scrape, port))
+        return done(latest)
+
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            if await check():
+                return latest
+            await asyncio.sleep(0.05)
 
 
 async def test_streams_from_separate_connections_are_served_by_both_workers(
@@ -258,7 +283,7 @@ async def test_metrics_of_both_workers_add_up_on_the_parents_endpoint(
         }
     )
 
-    def value(metrics: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str) -> float:
+    def value(metrics: Scraped, name: str) -> float:
         return metrics.get((name, labels), 0.0)
 
     async with asyncio.timeout(TIMEOUT):
@@ -266,15 +291,12 @@ async def test_metrics_of_both_workers_add_up_on_the_parents_endpoint(
         assert {worker for worker, _ in results} == {0, 1}
         async with contextlib.AsyncExitStack() as stack:
             open_streams = [await stream_on(stack, server.port, worker) for worker in (0, 1)]
-            metrics = await asyncio.to_thread(scrape, port)
-            assert value(metrics, "grpc_server_streams_in_flight") == 2
+            # Probes that stream_on closed may still count for a moment: wait for 2.
+            await scrape_until(port, lambda m: value(m, "grpc_server_streams_in_flight") == 2)
             for stream in open_streams:
                 await finish(stream)
         # A stream's end is counted just after its trailers go out: wait for the last.
-        metrics = await asyncio.to_thread(scrape, port)
-        while value(metrics, "grpc_server_streams_in_flight") != 0:
-            await asyncio.sleep(0.05)
-            metrics = await asyncio.to_thread(scrape, port)
+        metrics = await scrape_until(port, lambda m: value(m, "grpc_server_streams_in_flight") == 0)
     # The probes stream_on closed on its way count too: reckon from the total.
     started = value(metrics, "grpc_server_started_total")
     assert started >= 22
@@ -295,6 +317,8 @@ def test_auto_starts_one_worker_per_core(serve_workers: Start, how: list[str]) -
     ready = server.stderr.seen[-1]
     if cores > 1:
         assert f"({cores} workers)" in ready
+        assert f"starting {cores} workers on" in server.stderr.text()
+        assert "(auto: cores usable: " in server.stderr.text()
         assert sorted(worker_pids(server)) == list(range(cores))
     else:  # one core: one worker is the plain single process
         assert "workers" not in ready
@@ -418,3 +442,132 @@ async def test_workers_whose_parent_is_killed_drain_and_exit(serve_workers: Star
     async with asyncio.timeout(TIMEOUT):
         await asyncio.to_thread(wait_for_all, server, "supervisor gone: draining")
         await eventually(lambda: not any(alive(pid) for pid in pids.values()), TIMEOUT)
+
+
+HANGING_WORKERS = """
+import os, time
+if os.environ.get("NUMBER_SERVICE_WORKER_INDEX"):
+    time.sleep(3600)  # never gets as far as listening
+else:
+    import number_service.supervisor
+    number_service.supervisor.READY_TIMEOUT = 1.0
+"""
+
+
+def test_a_worker_that_never_gets_ready_is_killed_and_stops_the_parent(tmp_path: Path) -> None:
+    (tmp_path / "sitecustomize.py").write_text(HANGING_WORKERS)
+    result = run("serve", "--port", "0", "--workers", "2", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1, result.stderr
+    assert re.search(r"worker \d \(pid \d+\) not listening after 1 s; killing it", result.stderr)
+    assert "was killed by SIGKILL before it was listening; stopped all workers" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+CHATTY_WORKERS = """
+import os, threading
+from number_service import worker
+
+def chatter(marker):
+    for _ in range(64):  # 4 MiB, far more than a pipe holds
+        os.write(1, b"x" * 65535 + b"\\n")
+    open(marker, "w").close()
+
+ready = worker.Worker.ready
+
+def ready_then_chatter(self, address):
+    ready(self, address)
+    marker = os.path.join(os.environ["CHATTER_DIR"], f"done-{self.index}")
+    threading.Thread(target=chatter, args=(marker,), daemon=True).start()
+
+worker.Worker.ready = ready_then_chatter
+"""
+
+
+async def test_a_worker_that_prints_after_it_is_ready_is_not_blocked(
+    serve_workers: Start, tmp_path: Path
+) -> None:
+    (tmp_path / "sitecustomize.py").write_text(CHATTY_WORKERS)
+    env = {"PYTHONPATH": str(tmp_path), "CHATTER_DIR": str(tmp_path)}
+    server = serve_workers("--workers", "2", env=env)
+    async with asyncio.timeout(TIMEOUT):
+        await eventually(lambda: {p.name for p in tmp_path.glob("done-*")} == {"done-0", "done-1"})
+        _, sums = await one_stream(server.port, [1, 2, 3])
+    assert sums == [1, 3, 6]
+    assert server.stop() == 0
+
+
+def test_only_unlocked_metrics_dirs_are_removed(tmp_path: Path) -> None:
+    in_use, in_use_lock = make_metrics_dir_in(tmp_path)
+    _, stale_lock = make_metrics_dir_in(tmp_path)
+    os.close(stale_lock)  # what the end of its parent does, SIGKILL or not
+    unlocked = tmp_path / f"{METRICS_DIR_PREFIX}1-new"  # being made: no lock file yet
+    unlocked.mkdir()
+    other = tmp_path / "something-else"
+    other.mkdir()
+    try:
+        remove_stale_metrics_dirs(str(tmp_path))
+        left = {path.name for path in tmp_path.iterdir()}
+        assert left == {Path(in_use).name, unlocked.name, other.name}
+    finally:
+        os.close(in_use_lock)
+
+
+def make_metrics_dir_in(where: Path) -> tuple[str, int]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(where))
+        path, lock = make_metrics_dir()
+    (Path(path) / "counter_1.db").write_bytes(b"x")
+    return path, lock
+
+
+def metrics_dirs(where: Path) -> list[Path]:
+    return list(where.glob(f"{METRICS_DIR_PREFIX}*"))
+
+
+async def test_the_metrics_dir_of_a_killed_parent_is_removed_by_the_next(
+    serve_workers: Start, tmp_path: Path
+) -> None:
+    env = {"TMPDIR": str(tmp_path)}
+    first = serve_workers("--workers", "2", "--metrics-port", "0", env=env)
+    (left,) = metrics_dirs(tmp_path)
+    pids = worker_pids(first)
+    first.proc.kill()
+    first.proc.wait(EXIT_TIMEOUT)
+    async with asyncio.timeout(TIMEOUT):  # its workers drain and exit by themselves
+        await eventually(lambda: not any(alive(pid) for pid in pids.values()), TIMEOUT)
+    assert metrics_dirs(tmp_path) == [left]  # nobody could remove it
+    second = serve_workers("--workers", "2", "--metrics-port", "0", env=env)
+    (now,) = metrics_dirs(tmp_path)
+    assert now != left
+    assert second.stop() == 0
+    assert metrics_dirs(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"),
+    [
+        ("max 100000\n", None),
+        ("200000 100000\n", 2),
+        ("150000 100000", 2),  # a part of a CPU still needs a worker: rounded up
+        ("50000 100000", 1),
+        ("100000 100000", 1),
+        ("", None),
+        ("garbage", None),
+        ("0 100000", None),
+        ("1 x", None),
+    ],
+)
+def test_cgroup_cpu_max_is_read_as_whole_cpus(text: str, cpus: int | None) -> None:
+    assert parse_cpu_max(text) == cpus
+
+
+@pytest.mark.parametrize(("quota", "expected"), [(None, 4), (2, 2), (8, 4)])
+def test_auto_is_the_fewer_of_usable_cores_and_the_cpu_quota(
+    monkeypatch: pytest.MonkeyPatch, quota: int | None, expected: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr(supervisor, "cgroup_cpu_quota", lambda: quota)
+    count, why = supervisor.auto_workers()
+    assert count == expected
+    assert "cores usable: 4" in why
+    assert ("no cgroup CPU quota" in why) == (quota is None)

@@ -20,7 +20,7 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 from grpclib.exceptions import GRPCError
 
-from . import healthcheck, limits, logs, server, supervisor, tls
+from . import healthcheck, limits, logs, metrics, server, supervisor, tls
 from .accumulator import check_int32
 from .client import NumberClient
 from .worker import Worker
@@ -92,6 +92,7 @@ async def _from_lines(stream: IO[str]) -> AsyncIterator[int]:
 
 
 ENV_PREFIX = "NUMBER_SERVICE_"
+HEALTH_ENV_PREFIX = ENV_PREFIX + "HEALTH_"  # health's TLS client options; see health
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
@@ -102,7 +103,8 @@ def _serve_option(flag: str, **kwargs: Any) -> Callable[[_F], _F]:
 
 
 class WorkerCount(click.ParamType[int, Any]):
-    """``--workers``: a count of processes; 0 or ``auto`` is one per core."""
+    """``--workers``: a count of processes; 0 or ``auto`` (0) is one per core, found
+    by ``serve`` (see ``supervisor.auto_workers``)."""
 
     name = "N|auto"
 
@@ -120,7 +122,7 @@ class WorkerCount(click.ParamType[int, Any]):
             self.fail(
                 f"{count} is negative; use 1 or more, or 0 or 'auto' for one per core", param, ctx
             )
-        return count if count else supervisor.cpu_count()
+        return count
 
 
 _RAW_ARGS = "number_service.raw_args"
@@ -275,6 +277,10 @@ def serve(
     worker = Worker.from_env()
     fields = worker.log_fields() if worker is not None else None
     logs.configure(log_level, "json" if log_format.lower() == "json" else "text", fields)
+    # Metric values live in memory, whatever PROMETHEUS_MULTIPROC_DIR says, except in
+    # a worker whose supervisor collects them from the directory it gave it.
+    shared = worker is not None and metrics_port is not None
+    metrics.use_values(os.environ.get(metrics.MULTIPROC_ENV) if shared else None)
     config = server.ServeConfig(
         host,
         port,
@@ -292,6 +298,12 @@ def serve(
         ),
     )
     config.tls = _server_tls(tls_cert, tls_key, tls_client_ca)
+    why = ""
+    if not workers:  # auto
+        workers, why = supervisor.auto_workers()
+        why = f"auto: {why}"
+        if workers == 1 and worker is None:
+            logging.getLogger("number_service").info("one process (--workers %s)", why)
     config.workers = workers
     config.worker = worker
     if worker is not None:  # the supervisor serves the metrics of all workers
@@ -302,7 +314,7 @@ def serve(
             if config.tls is not None:
                 config.tls.server_context()  # a bad file: one line here, not one per worker
             args = click.get_current_context().meta[_RAW_ARGS]
-            sys.exit(asyncio.run(supervisor.Supervisor(config, args).run()))
+            sys.exit(asyncio.run(supervisor.Supervisor(config, args, why).run()))
         asyncio.run(server.serve(config))
     except tls.TLSFileError as err:
         _fail(str(err), 2)
@@ -326,29 +338,47 @@ def _server_tls(cert: str | None, key: str | None, client_ca: str | None) -> tls
     return tls.TLSConfig(cert, key, client_ca)
 
 
-def _client_tls_options(command: _F) -> _F:
-    """The client side's TLS flags, shared by ``accumulate`` and ``health``."""
+def _client_tls_options(env_prefix: str | None = None) -> Callable[[_F], _F]:
+    """The client side's TLS flags, shared by ``accumulate`` and ``health``; with
+    ``env_prefix``, each also reads ``<env_prefix>TLS``, ``<env_prefix>TLS_CA`` ..."""
+
+    def env(name: str) -> dict[str, Any]:
+        return {} if env_prefix is None else {"envvar": env_prefix + name, "show_envvar": True}
+
     options = [
         click.option(
-            "--tls", "use_tls", is_flag=True, help="Connect with TLS, trusting the system's CAs."
+            "--tls",
+            "use_tls",
+            is_flag=True,
+            help="Connect with TLS, trusting the system's CAs.",
+            **env("TLS"),
         ),
         click.option(
             "--tls-ca",
             type=click.Path(dir_okay=False),
             help="Connect with TLS, trusting only this PEM CA (implies --tls).",
+            **env("TLS_CA"),
         ),
         click.option(
             "--tls-cert",
             type=click.Path(dir_okay=False),
             help="Client certificate for mutual TLS (implies --tls); needs --tls-key.",
+            **env("TLS_CERT"),
         ),
         click.option(
-            "--tls-key", type=click.Path(dir_okay=False), help="PEM private key of --tls-cert."
+            "--tls-key",
+            type=click.Path(dir_okay=False),
+            help="PEM private key of --tls-cert.",
+            **env("TLS_KEY"),
         ),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+
+    def add(command: _F) -> _F:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return add
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
@@ -357,7 +387,7 @@ def _client_tls_options(command: _F) -> _F:
     "--port", type=click.IntRange(1, 65535), default=server.DEFAULT_PORT, show_default=True
 )
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Deadline, seconds.")
-@_client_tls_options
+@_client_tls_options()
 @click.argument("numbers", nargs=-1)
 def accumulate(
     host: str,
@@ -446,7 +476,14 @@ async def _accumulate(
     default=healthcheck.DEFAULT_TIMEOUT,
     help="Seconds to wait for the answer.",
 )
-@_client_tls_options
+@_client_tls_options(HEALTH_ENV_PREFIX)
+@click.option(
+    "--tls-server-name",
+    envvar=HEALTH_ENV_PREFIX + "TLS_SERVER_NAME",
+    show_envvar=True,
+    help="Name the server's certificate must be issued for, when --host is not one "
+    "(a container checking itself on 127.0.0.1) [default: --host].",
+)
 def health(
     host: str,
     port: int,
@@ -456,15 +493,21 @@ def health(
     tls_ca: str | None,
     tls_cert: str | None,
     tls_key: str | None,
+    tls_server_name: str | None,
 ) -> None:
     """Ask the server's gRPC health service; exit 0 if SERVING, else 1 with the reason.
 
-    For container health checks: `HEALTHCHECK CMD number-service health`.
+    For container health checks: `HEALTHCHECK CMD number-service health`. Its TLS
+    options read NUMBER_SERVICE_HEALTH_TLS_*: serve's NUMBER_SERVICE_TLS_CERT and
+    _KEY are the server's own certificate, not the client's.
     """
     context = _client_tls(use_tls, tls_ca, tls_cert, tls_key)
     logging.getLogger("asyncio").setLevel(logging.ERROR)  # as in accumulate
     try:
-        asyncio.run(healthcheck.check(host, port, service, timeout, ssl=context))
+        check = healthcheck.check(
+            host, port, service, timeout, ssl=context, server_name=tls_server_name
+        )
+        asyncio.run(check)
     except healthcheck.UnhealthyError as err:
         _fail(str(err), 1)
     click.echo("SERVING")

@@ -12,6 +12,7 @@ import socket
 import ssl as _ssl
 
 from grpclib.client import Channel
+from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.health.v1.health_grpc import HealthStub
@@ -31,13 +32,18 @@ async def check(
     timeout: float = DEFAULT_TIMEOUT,
     *,
     ssl: _ssl.SSLContext | None = None,
+    server_name: str | None = None,
 ) -> None:
     """Return if ``service`` ("" means the whole server) is SERVING; raise UnhealthyError if not.
 
-    ``ssl``: a client context (``tls.client_context``) for a TLS or mTLS server.
+    ``ssl``: a client context (``tls.client_context``) for a TLS or mTLS server;
+    ``server_name``: the name its certificate must be issued for, if not ``host``.
     """
     where = f"{host}:{port}"
-    channel = Channel(host, port, ssl=ssl)
+    # grpclib's only way to set the TLS server name (its docs say "for testing"; a
+    # health check of 127.0.0.1 against the service's certificate is the same need).
+    config = Configuration(ssl_target_name_override=server_name)
+    channel = Channel(host, port, ssl=ssl, config=config)
     try:
         reply = await HealthStub(channel).Check(
             HealthCheckRequest(service=service), timeout=timeout
@@ -53,6 +59,13 @@ async def check(
         # What a TLS server does to a plaintext client, or mTLS to a refused certificate.
         hint = "an mTLS server drops clients it does not accept" if ssl else "TLS server? use --tls"
         raise UnhealthyError(f"{where}: connection lost during the check: {err} ({hint})") from None
+    except _ssl.SSLCertVerificationError as err:  # an OSError, but its errno says nothing
+        raise UnhealthyError(
+            f"{where}: cannot verify the server's certificate: {err.verify_message or err.reason} "
+            "(see --tls-ca, --tls-server-name)"
+        ) from None
+    except _ssl.SSLError as err:
+        raise UnhealthyError(f"{where}: TLS failed: {err.reason or err}") from None
     except socket.gaierror as err:  # its errno is not an os.strerror one
         raise UnhealthyError(f"{where}: cannot resolve {host!r}: {err.strerror}") from None
     except OSError as err:  # refused, unreachable

@@ -4,16 +4,23 @@ Fed by :class:`~number_service.streams.Streams`, which listens to grpclib's even
 hooks once for all its consumers; kept in a
 registry of their own (several servers may share a process, as in tests) and
 served over HTTP at ``/metrics`` by prometheus-client.
+
+Where values live is the command's choice (:func:`use_values`): in memory in a plain
+``serve``, whatever the environment says, and in prometheus-client's multiprocess files
+only in a worker whose supervisor collects them. Code that builds
+``NumberServer`` itself keeps prometheus-client's own rule (``PROMETHEUS_MULTIPROC_DIR``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from wsgiref.simple_server import WSGIServer
 
 from grpclib.const import Status
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import values as prometheus_values
 
 from .streams import StreamRecord, Streams
 
@@ -42,6 +49,25 @@ GO_CODE_NAMES = {
 GO_DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 _LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable
+
+
+def use_values(multiprocess_dir: str | None) -> None:
+    """Keep metric values in memory (None) or in multiprocess files under
+    ``multiprocess_dir``; call before any metric is built.
+
+    prometheus-client decides this once, at import, from ``PROMETHEUS_MULTIPROC_DIR``:
+    a value inherited from the environment would make every stream write files
+    there (and fail the call when the directory is missing). Its ``values.ValueClass``
+    is what metrics read when they are built, so setting it overrides that choice.
+    """
+    if multiprocess_dir is None:
+        os.environ.pop(MULTIPROC_ENV, None)
+        prometheus_values.ValueClass = prometheus_values.MutexValue
+    else:  # the files' directory is read from the environment as they are made
+        os.environ[MULTIPROC_ENV] = multiprocess_dir
+        prometheus_values.ValueClass = prometheus_values.MultiProcessValue()  # type: ignore[no-untyped-call]
 
 
 class Metrics:

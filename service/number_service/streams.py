@@ -8,11 +8,15 @@ seen to end too, as CANCELLED.
 :class:`Streams` also carries out a graceful shutdown's stream side: refuse new
 streams while draining, wait for those in flight, and end what is left with
 UNAVAILABLE and a message instead of cutting it off.
+
+Listeners (metrics, logs, ...) run inside the stream's task: one that raises is
+logged and counted, never passed on, so it cannot fail the call it watches.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +26,8 @@ from grpclib import events
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
+
+log = logging.getLogger(__name__)
 
 _SHUTDOWN = "number-service: grace period over"
 
@@ -64,6 +70,31 @@ class StreamRecord:
 Listener = Callable[[StreamRecord], None]
 
 
+class Listeners(list[Listener]):
+    """Listeners of one event, each called under guard: a listener's first failure is
+    logged with its traceback, later ones are counted and logged at 10, 100, 1000 ..."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failures: dict[Listener, int] = {}
+
+    def notify(self, record: StreamRecord) -> None:
+        """Call every listener with ``record``; none of their exceptions escapes."""
+        for listener in self:
+            try:
+                listener(record)
+            except Exception:
+                self._failed(listener)
+
+    def _failed(self, listener: Listener) -> None:
+        count = self.failures[listener] = self.failures.get(listener, 0) + 1
+        name = getattr(listener, "__qualname__", repr(listener))
+        if count == 1:
+            log.exception("stream listener %s failed; the stream goes on without it", name)
+        elif str(count).rstrip("0") == "1":  # 10, 100, 1000 ...: bounded, still visible
+            log.error("stream listener %s has failed %d times", name, count)
+
+
 class Servable(Protocol):
     """What grpclib serves: generated service bases, Health, ServerReflection."""
 
@@ -95,10 +126,10 @@ class Streams:
         self._quiet.set()
         self._hurry = asyncio.Event()
         self.draining = False
-        self.on_start: list[Listener] = []
-        self.on_receive: list[Listener] = []  # per message: keep them cheap
-        self.on_send: list[Listener] = []
-        self.on_end: list[Listener] = []
+        self.on_start = Listeners()
+        self.on_receive = Listeners()  # per message: keep them cheap
+        self.on_send = Listeners()
+        self.on_end = Listeners()
         events.listen(server, events.RecvRequest, self._recv_request)
         events.listen(server, events.RecvMessage, self._recv_message)
         events.listen(server, events.SendMessage, self._send_message)
@@ -134,20 +165,17 @@ class Streams:
             self._quiet.clear()
         task.add_done_callback(self._task_done)
         event.method_func = _watched(event.method_func, record)
-        for listener in self.on_start:
-            listener(record)
+        self.on_start.notify(record)
 
     async def _recv_message(self, event: events.RecvMessage) -> None:
         if record := self.current():
             record.received += 1
-            for listener in self.on_receive:
-                listener(record)
+            self.on_receive.notify(record)
 
     async def _send_message(self, event: events.SendMessage) -> None:
         if record := self.current():
             record.sent += 1
-            for listener in self.on_send:
-                listener(record)
+            self.on_send.notify(record)
 
     async def _send_trailers(self, event: events.SendTrailingMetadata) -> None:
         if record := self.current():
@@ -170,8 +198,7 @@ class Streams:
             self._drained_live -= 1
             if not self._drained_live:
                 self._quiet.set()
-        for listener in self.on_end:
-            listener(record)
+        self.on_end.notify(record)
 
     def hurry(self) -> None:
         """Cut a drain's grace period short (a second signal, say)."""

@@ -15,14 +15,22 @@ soon after start. A worker that dies before it is ready during start-up, or
 exit 1. SIGTERM or SIGINT: SIGTERM to every worker (each drains with --grace),
 wait, exit 0; a second signal cuts the workers' grace short.
 
+A worker not listening ``READY_TIMEOUT`` seconds after its start is killed: a failed
+start. After ``ready`` the parent keeps reading (and dropping) a worker's stdout, so
+that a worker that prints cannot block on a full pipe.
+
 With --metrics-port, workers write prometheus-client's multiprocess files to a
-temporary directory and the parent serves their sum; workers have no endpoint.
+temporary directory, and the parent serves their sum; workers have no endpoint. The
+parent removes the directory when it stops, and holds a lock on it while it runs:
+one left by a parent that was killed is unlocked, and the next parent that starts
+with metrics removes it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -37,7 +45,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from .metrics import MetricsEndpoint
+from .metrics import MULTIPROC_ENV, MetricsEndpoint
 from .server import ServeConfig, address_of, host_port
 from .worker import HURRY_SIGNAL, READY, WORKER_ENV
 
@@ -48,14 +56,67 @@ MAX_BACKOFF = 10.0
 STABLE_AFTER = 30.0  # a worker that ran this long starts its back-off afresh when it dies
 MAX_START_FAILURES = 5  # deaths before ready, in a row, after which the parent gives up
 KILL_AFTER = 10.0  # seconds past --grace after which workers still running are killed
+READY_TIMEOUT = 30.0  # seconds a worker may take to listen; then it is killed, a failed start
+METRICS_DIR_PREFIX = "number-service-metrics-"  # then the parent's pid and a random part
+METRICS_DIR_LOCK = ".lock"  # held (flock) by the parent while its directory is in use
 
 
 def cpu_count() -> int:
-    """Cores this process may run on (its affinity mask, where the OS has one)."""
+    """How many workers ``--workers auto`` starts: see :func:`auto_workers`."""
+    return auto_workers()[0]
+
+
+def auto_workers() -> tuple[int, str]:
+    """One worker per core this process may use, and how that was found: the cores
+    of its affinity mask, fewer if its cgroup (v2) has a CPU quota, as a container
+    with a CPU limit does (``cpu: "1"`` on an 8-core node: 1 worker, not 8)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is None:
+        return cores, f"cores usable: {cores}, no cgroup CPU quota"
+    return min(cores, quota), f"cores usable: {cores}, cgroup CPU quota: {quota}"
+
+
+def cgroup_cpu_quota() -> int | None:
+    """Whole CPUs this process's cgroup v2 ``cpu.max`` allows (rounded up), or None
+    where there is no quota or no cgroup v2. Only its own cgroup is read, not those above."""
+    for path in _cgroup_cpu_max_paths():
+        try:
+            with open(path) as file:
+                return parse_cpu_max(file.read())
+        except OSError:
+            continue
+    return None
+
+
+def _cgroup_cpu_max_paths() -> list[str]:
+    """Where this process's ``cpu.max`` may be: under its own cgroup v2 path (a
+    systemd unit, say), then at the root (in a container with its own cgroup namespace)."""
+    paths = []
+    with contextlib.suppress(OSError), open("/proc/self/cgroup") as file:
+        for line in file:
+            if line.startswith("0::/"):
+                paths.append(f"/sys/fs/cgroup{line[3:].strip().rstrip('/')}/cpu.max")
+    paths.append("/sys/fs/cgroup/cpu.max")
+    return list(dict.fromkeys(paths))
+
+
+def parse_cpu_max(text: str) -> int | None:
+    """``cpu.max`` ("QUOTA PERIOD" in microseconds, or "max PERIOD") as whole CPUs,
+    rounded up: "200000 100000" is 2, "150000 100000" is 2, "max 100000" is None."""
+    parts = text.split()
+    if len(parts) != 2 or parts[0] == "max":
+        return None
+    try:
+        quota, period = int(parts[0]), int(parts[1])
+    except ValueError:
+        return None
+    if quota <= 0 or period <= 0:
+        return None
+    return max(1, -(-quota // period))
 
 
 def backoff(quick_deaths: int) -> float:
@@ -125,8 +186,10 @@ class _Slot:
 class Supervisor:
     """Runs ``config.workers`` workers of ``serve`` with ``args`` until a signal."""
 
-    def __init__(self, config: ServeConfig, args: Sequence[str]) -> None:
+    def __init__(self, config: ServeConfig, args: Sequence[str], why: str = "") -> None:
+        """``why``: how the number of workers was chosen, for the start line (auto)."""
         self.config = config
+        self.why = why
         self.args = list(args)  # the serve options as given; workers get them too
         self.slots = [_Slot(i) for i in range(config.workers)]
         self.failure: str | None = None  # why the parent gave up, if it did
@@ -141,10 +204,11 @@ class Supervisor:
         port = address_of(sock)[1]
         loop = asyncio.get_running_loop()
         metrics_dir = None
+        lock = None
         endpoint = None
         try:
             if self.config.metrics_port is not None:
-                metrics_dir = tempfile.mkdtemp(prefix="number-service-metrics-")
+                metrics_dir, lock = make_metrics_dir()
                 registry = CollectorRegistry()
                 MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
                 host = self.config.metrics_host
@@ -152,7 +216,8 @@ class Supervisor:
                 log.info("metrics of all workers on http://%s:%d/metrics", host, endpoint.port)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal)
-            log.info("starting %d workers on %s", len(self.slots), self._address)
+            why = f" ({self.why})" if self.why else ""
+            log.info("starting %d workers on %s%s", len(self.slots), self._address, why)
             tasks = [
                 asyncio.create_task(self._keep(slot, port, metrics_dir)) for slot in self.slots
             ]
@@ -165,6 +230,8 @@ class Supervisor:
                 await endpoint.close()
             if metrics_dir is not None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
+            if lock is not None:
+                os.close(lock)
             sock.close()
         if self.failure is not None:
             log.error("%s; stopped all workers", self.failure)
@@ -181,11 +248,24 @@ class Supervisor:
                 slot.proc = proc
                 if self._stop.is_set():  # the signal came while it was being started
                     _kill(proc, signal.SIGTERM)
-                ready = await _wait_ready(proc)
+                ready = await _wait_ready(proc, READY_TIMEOUT)
+                discard = None
                 if ready:
                     self._on_ready(slot, proc.pid)
+                    # Read on, discarding: a chatty worker must not block on a full pipe.
+                    discard = asyncio.create_task(_discard(proc))
+                elif proc.returncode is None and not self._stop.is_set():
+                    log.warning(
+                        "worker %d (pid %d) not listening after %g s; killing it",
+                        slot.index,
+                        proc.pid,
+                        READY_TIMEOUT,
+                    )
+                    _kill(proc, signal.SIGKILL)
                 code = await proc.wait()
                 slot.proc = None
+                if discard is not None:
+                    await discard
                 if metrics_dir is not None:  # its in-flight gauge no longer counts
                     mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
                 how = describe_exit(code)
@@ -224,8 +304,11 @@ class Supervisor:
     ) -> asyncio.subprocess.Process:
         env = dict(os.environ)
         env[WORKER_ENV] = str(index)
+        # Only this parent's directory, and only with metrics on: one inherited from
+        # the environment is no one's to write to.
+        env.pop(MULTIPROC_ENV, None)
         if metrics_dir is not None:
-            env["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            env[MULTIPROC_ENV] = metrics_dir
         # The last --workers and --port win over the ones in self.args. stdin is the
         # worker's lifeline (end of file: the parent is gone); stdout says "ready".
         return await asyncio.create_subprocess_exec(
@@ -293,10 +376,79 @@ def _kill(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
             os.kill(proc.pid, sig)
 
 
-async def _wait_ready(proc: asyncio.subprocess.Process) -> bool:
-    """True once the worker says it is ready; False if it ends first."""
+async def _wait_ready(proc: asyncio.subprocess.Process, timeout: float) -> bool:
+    """True once the worker says it is ready; False if it ends first or takes
+    longer than ``timeout`` seconds."""
     assert proc.stdout is not None
-    while line := await proc.stdout.readline():
-        if line == READY:
-            return True
-    return False
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    line = await proc.stdout.readline()
+                except ValueError:  # a line over the stream's limit (dropped): not "ready"
+                    continue
+                if not line:
+                    return False
+                if line == READY:
+                    return True
+    except TimeoutError:
+        return False
+
+
+async def _discard(proc: asyncio.subprocess.Process) -> None:
+    """Read the worker's stdout to its end, keeping nothing."""
+    assert proc.stdout is not None
+    while await proc.stdout.read(65536):
+        pass
+
+
+def make_metrics_dir() -> tuple[str, int]:
+    """A new directory for the workers' metrics files, and the descriptor of the lock
+    that marks it in use until this process closes it or ends (even by SIGKILL).
+
+    Directories of parents that are gone are removed first. Raises OSError saying
+    where, e.g. under a read-only root file system without a writable TMPDIR.
+    """
+    try:
+        parent = tempfile.gettempdir()  # the first writable of TMPDIR, /tmp ...
+        remove_stale_metrics_dirs(parent)
+        path = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-", dir=parent)
+        lock = os.open(os.path.join(path, METRICS_DIR_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise OSError(
+            f"cannot make the workers' metrics directory: {reason} "
+            "(mount a writable /tmp, or set TMPDIR to a writable directory)"
+        ) from None
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return path, lock
+
+
+def remove_stale_metrics_dirs(parent: str) -> None:
+    """Remove the metrics directories of parents that are gone (killed with SIGKILL,
+    say, so that they could not remove their own).
+
+    A directory is stale when its lock file is not locked: the kernel releases a
+    parent's lock when it ends, however it ends, and a pid would not do (another
+    container sharing the directory has pids of its own). One without a lock file
+    yet is being made, and is left alone.
+    """
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            if entry.name.startswith(METRICS_DIR_PREFIX) and entry.is_dir(follow_symlinks=False):
+                _remove_if_unlocked(entry.path)
+
+
+def _remove_if_unlocked(path: str) -> None:
+    try:
+        lock = os.open(os.path.join(path, METRICS_DIR_LOCK), os.O_RDWR)
+    except OSError:  # no lock file (yet), or not ours to open
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # locked: its parent is running
+        return
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+    finally:
+        os.close(lock)
