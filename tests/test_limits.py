@@ -37,6 +37,7 @@ from rawh2 import (
 )
 
 from number_service import NumberClient
+from number_service.codec import encode_int32_field as num  # a NumberRequest's bytes
 from number_service.limits import DEFAULT_MAX_MESSAGE_SIZE, Limits
 from number_service.server import NumberServer, address_of, bind
 from number_service.service import ACCUMULATE_NUMBERS
@@ -56,16 +57,6 @@ async def serving(limits: Limits) -> AsyncIterator[tuple[NumberServer, int]]:
         yield built, address_of(sock)[1]
     finally:
         await built.shutdown(grace=0)
-
-
-def num(value: int) -> bytes:
-    """A NumberRequest's bytes (non-negative ``value``)."""
-    out = bytearray(b"\x08")
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def sums(data: list[bytes]) -> list[int]:

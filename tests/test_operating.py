@@ -14,7 +14,6 @@ import signal
 import socket
 import sys
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from processes import (
     run,
     start_server,
 )
-from prometheus_client.parser import text_string_to_metric_families
+from scraping import scrape
 
 from number_service import INT32_MAX, NumberClient, healthcheck
 from number_service.metrics import MetricsEndpoint
@@ -140,16 +139,6 @@ async def test_reflection_lists_services_on_both_versions(
 
 
 # --- metrics ----------------------------------------------------------------------------
-
-
-def scrape(port: int) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as reply:
-        text = reply.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 @pytest.fixture

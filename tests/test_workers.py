@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from processes import (
     run,
     start_server,
 )
-from prometheus_client.parser import text_string_to_metric_families
+from scraping import Scraped, scrape
 
 from number_service import supervisor
 from number_service.codec import NumberCodec
@@ -59,7 +58,6 @@ TIMEOUT = 20.0  # seconds for any one wait on a server
 WORKER_LINE = re.compile(r"worker (\d+) (?:started|restarted): pid (\d+)")
 METRICS_LINE = re.compile(r"metrics of all workers on http://127\.0\.0\.1:(\d+)/metrics")
 Start = Callable[..., ServerProcess]
-Scraped = dict[tuple[str, frozenset[tuple[str, str]]], float]  # (name, labels) -> value
 
 
 def worker_pids(server: ServerProcess) -> dict[int, int]:
@@ -171,16 +169,6 @@ async def stream_on(
         await finish(stream)
         await attempt.aclose()
     pytest.fail(f"no connection landed on worker {worker} in 200 tries")
-
-
-def scrape(port: int) -> Scraped:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as reply:
-        text = reply.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
 
 
 async def scrape_until(port: int, done: Callable[[Scraped], bool]) -> Scraped:
