@@ -221,13 +221,17 @@ class PythonLoad:
         self.latencies: list[float] = []
         self.stopping = False
 
+    def expected(self, i: int) -> int:
+        """The number whose sum to expect for the i-th answer: the one sent."""
+        return number(i)
+
     async def lock_step(self, client: NumberClient, record: bool) -> None:
         total = 0
         async with client.session() as session:
             for i in itertools.count():
                 if self.stopping:
                     return
-                total += number(i)
+                total += self.expected(i)
                 t0 = time.perf_counter()
                 got = await session.add(number(i))
                 if record and self.measuring:
@@ -250,7 +254,7 @@ class PythonLoad:
         i = 0
         async for got in client.accumulate(numbers()):
             window.release()
-            total += number(i)
+            total += self.expected(i)
             i += 1
             if got != total:
                 raise BenchError(f"wrong sum after {i} numbers: {got}, want {total}")
