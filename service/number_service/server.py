@@ -103,7 +103,11 @@ def bind(host: str, port: int) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
-        return socket.create_server(address[:2], family=family, backlog=128)
+        listener = socket.create_server(address[:2], family=family, backlog=128)
+        # create_server leaves proto 0, and asyncio sets TCP_NODELAY on accepted
+        # sockets only when proto is IPPROTO_TCP: without it, Nagle plus delayed
+        # ACKs held each lock-step answer ~40 ms. Re-wrap the fd with the right proto.
+        return socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, listener.detach())
     except socket.gaierror as err:  # its errno is not an os.strerror one
         raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
     except OSError as err:
