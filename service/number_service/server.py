@@ -23,6 +23,7 @@ from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.server import Server
 
+from .coalesce import CoalescingServer
 from .codec import NumberCodec
 from .logs import log_stream_end
 from .metrics import Metrics, MetricsEndpoint
@@ -39,7 +40,7 @@ DEFAULT_GRACE = 10.0
 
 def create_server() -> Server:
     """A grpclib Server with a fresh NumberService and the strict codec, not started."""
-    return Server([NumberService()], codec=NumberCodec())
+    return CoalescingServer([NumberService()], codec=NumberCodec())
 
 
 @dataclass
@@ -67,7 +68,7 @@ class NumberServer:
         number = NumberService()
         health = ServiceStatus()
         services = with_reflection([number, Health({number: [health]})])
-        server = Server(services, codec=NumberCodec())
+        server = CoalescingServer(services, codec=NumberCodec())
         streams = Streams(server, services, drained=[ACCUMULATE_NUMBERS])
         streams.on_end.append(log_stream_end)
         built = cls(server, streams, health)
