@@ -13,7 +13,7 @@ still calls ``pause_writing``/``resume_writing`` on the protocol.
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server
@@ -72,8 +72,9 @@ class CoalescingTransport(asyncio.Transport):
 
 class _CoalescingProtocol(H2Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        super().connection_made(CoalescingTransport(transport))
+        # A stream transport, though not always an asyncio.Transport subclass
+        # (uvloop's is not): only its methods are used.
+        super().connection_made(CoalescingTransport(cast(asyncio.Transport, transport)))
 
 
 class CoalescingServer(Server):
