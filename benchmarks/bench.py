@@ -76,12 +76,14 @@ def progress(text: str) -> None:
 class ServerProcess:
     """A server subprocess on 127.0.0.1 and a free port; its stderr kept for errors."""
 
-    def __init__(self, name: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, name: str, profile: Path | None = None) -> None:
         self.name = name
+        argv = SERVERS[name]
+        if profile is not None:  # python -m cProfile -o FILE -m module ...
+            argv = [argv[0], "-m", "cProfile", "-o", str(profile), *argv[1:]]
         self.proc = subprocess.Popen(
-            [*SERVERS[name], "--host", HOST, "--port", "0"],
+            [*argv, "--host", HOST, "--port", "0"],
             cwd=ROOT,
-            env={**os.environ, **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -554,6 +556,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="where the Go client is built",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="run our server under cProfile, write its stats here and print a summary",
+    )
     args = parser.parse_args(argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if bad := [m for m in args.modes if m not in MODES]:
@@ -584,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
     error = ""
     try:
         for name in servers:
-            started[name] = ServerProcess(name)
+            started[name] = ServerProcess(name, args.profile if name == "ours" else None)
         bench.run(started)
         ok = True
     except (BenchError, OSError, TimeoutError, subprocess.TimeoutExpired) as err:
@@ -597,6 +604,12 @@ def main(argv: list[str] | None = None) -> int:
                 ok, error = False, f"{server.name} server exit code {code} on SIGTERM"
                 progress(f"bench: FAIL {error}")
     rows = bench.summary() if ok else []
+    if ok and args.profile is not None:
+        from benchmarks.profile_summary import summary
+
+        progress(
+            f"bench: CPU profile of ours (cProfile, {args.profile}):\n{summary(str(args.profile))}"
+        )
     if args.json:
         print(
             json.dumps(
