@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -148,6 +149,29 @@ async def test_plain_grpclib_server_with_betterproto_codec_still_refuses_bad_inp
                     assert await stream.recv_message() is None
         assert caught.value.status is Status.INTERNAL
         assert "could not be decoded" in (caught.value.message or "")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_accepted_connections_have_nagle_off() -> None:
+    """asyncio sets TCP_NODELAY only on sockets whose proto is IPPROTO_TCP; with
+    Nagle on, a lock-step answer waited ~40 ms for the client's delayed ACK."""
+    sock = bind("127.0.0.1", 0)
+    assert sock.proto == socket.IPPROTO_TCP
+    accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            conn = transport.get_extra_info("socket")
+            accepted.set_result(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(*address_of(sock)), 5)
+        assert await asyncio.wait_for(accepted, 5) != 0
+        writer.close()
     finally:
         server.close()
         await server.wait_closed()

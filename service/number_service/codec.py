@@ -28,6 +28,7 @@ from grpclib.encoding.proto import ProtoCodec
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 from .accumulator import check_int32
+from .messages import request, response
 
 MAX_GROUP_DEPTH = 100  # upb's default recursion limit
 _U64 = (1 << 64) - 1
@@ -121,7 +122,7 @@ class NumberCodec(ProtoCodec):
 
     def decode(self, data: bytes, message_type: Any) -> Any:
         if message_type is NumberRequest:
-            return NumberRequest(num=decode_int32_field(data))
+            return request(decode_int32_field(data))
         if message_type is NumberResponse:
-            return NumberResponse(sum=decode_int32_field(data))
+            return response(decode_int32_field(data))
         return super().decode(data, message_type)

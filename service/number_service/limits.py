@@ -289,7 +289,9 @@ class _Guarded(asyncio.Protocol):
             inner.connection.flush()
         except ProtocolError:  # the connection is already closed for h2
             pass
-        transport.close()
+        # Through grpclib's connection, not the raw transport: its transport may hold
+        # the GOAWAY back (coalesce.py) and sends it before it closes.
+        inner.connection.close()
 
     def data_received(self, data: bytes) -> None:
         if self._inner is not None:

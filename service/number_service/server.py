@@ -25,6 +25,7 @@ from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.server import Server
 
+from .coalesce import CoalescingServer
 from .codec import NumberCodec
 from .limits import DEFAULT_TLS_HANDSHAKE_TIMEOUT, Connections, Limits, MessageSizeLimit
 from .logs import log_stream_end
@@ -44,7 +45,7 @@ DEFAULT_GRACE = 10.0
 
 def create_server() -> Server:
     """A grpclib Server with a fresh NumberService and the strict codec, not started."""
-    return Server([NumberService()], codec=NumberCodec())
+    return CoalescingServer([NumberService()], codec=NumberCodec())
 
 
 @dataclass
@@ -80,7 +81,7 @@ class NumberServer:
         number = NumberService(stream_idle_timeout=limits.stream_idle_timeout)
         health = ServiceStatus()
         services = with_reflection([number, Health({number: [health]})])
-        server = Server(services, codec=NumberCodec(), config=limits.grpclib_config())
+        server = CoalescingServer(services, codec=NumberCodec(), config=limits.grpclib_config())
         streams = Streams(server, services, drained=[ACCUMULATE_NUMBERS])
         streams.on_end.append(log_stream_end)
         MessageSizeLimit(server, limits.max_message_size)
@@ -146,7 +147,13 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, _, _, _, address = infos[0]
-        return socket.create_server(address[:2], family=family, backlog=128, reuse_port=reuse_port)
+        listener = socket.create_server(
+            address[:2], family=family, backlog=128, reuse_port=reuse_port
+        )
+        # create_server leaves proto 0, and asyncio sets TCP_NODELAY on accepted
+        # sockets only when proto is IPPROTO_TCP: without it, Nagle plus delayed
+        # ACKs held each lock-step answer ~40 ms. Re-wrap the fd with the right proto.
+        return socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, listener.detach())
     except socket.gaierror as err:  # its errno is not an os.strerror one
         raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
     except OSError as err:

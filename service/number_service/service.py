@@ -11,6 +11,7 @@ from grpclib.exceptions import GRPCError, StreamTerminatedError
 from number_service_gen.tutorial import NumberRequest, NumberResponse, NumberServiceBase
 
 from .accumulator import Accumulator, SumOutOfRangeError
+from .messages import response
 
 #: Full method path on the wire, identical to the Go original's.
 ACCUMULATE_NUMBERS = "/tutorial.NumberService/AccumulateNumbers"
@@ -36,13 +37,14 @@ class NumberService(NumberServiceBase):
         answered = 0
         requests = _decoded(number_request_iterator, self.stream_idle_timeout)
         async for request in requests:
-            if type(request.num) is not int:  # betterproto's own decoder lets this through
+            num = request.num  # once: each betterproto attribute read costs ~1 us
+            if type(num) is not int:  # betterproto's own decoder lets this through
                 raise GRPCError(Status.INTERNAL, _UNDECODABLE + "num is not an int32")
             try:
-                total = acc.add(request.num)
+                total = acc.add(num)
             except SumOutOfRangeError as err:
                 raise GRPCError(Status.OUT_OF_RANGE, str(err)) from None
-            yield NumberResponse(sum=total)
+            yield response(total)  # a NumberResponse(sum=total), built without its hooks
             answered += 1
             if answered % _YIELD_EVERY == 0:
                 # With requests buffered and send window open, grpclib's awaits all

@@ -1,0 +1,373 @@
+// loadgen drives /tutorial.NumberService/AccumulateNumbers as fast as it can and
+// verifies every sum; benchmarks/bench.py builds and runs it (one run per mode).
+//
+// It is compiled so that the load client is not the bottleneck: it uses grpc-go
+// from Debian (golang-google-grpc-dev), no generated code, and a codec that passes
+// raw bytes through; it encodes each int32 request and decodes each sum itself.
+//
+//	loadgen -addr 127.0.0.1:50051 -mode stream -seconds 5 -warmup 1 -server-pid 1234
+//
+// It prints one JSON object: messages answered (and verified) in the measured
+// window, its length, latency percentiles (ping-pong), and the CPU seconds this
+// process and the server (read from /proc/PID/stat) spent in the window.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/ioutil"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/encoding"
+)
+
+const method = "/tutorial.NumberService/AccumulateNumbers"
+
+// rawCodec hands []byte through: requests are encoded here, not by protobuf.
+type rawCodec struct{}
+
+func (rawCodec) Marshal(v interface{}) ([]byte, error) { return *(v.(*[]byte)), nil }
+func (rawCodec) Unmarshal(data []byte, v interface{}) error {
+	*(v.(*[]byte)) = append((*(v.(*[]byte)))[:0], data...)
+	return nil
+}
+func (rawCodec) Name() string { return "proto" }
+
+var _ encoding.Codec = rawCodec{}
+
+// number is the i-th request of every stream: a walk over [-1000, 1000] whose
+// sums stay far inside int32, with zero (an empty message) and negatives
+// (10-byte varints) in the mix.
+func number(i int64) int32 { return int32((i*7919)%2001) - 1000 }
+
+// encode returns field 1 as an int32 varint (empty for 0, as proto3 does) in a
+// new slice: grpc-go may still be writing a sent message after SendMsg returns.
+func encode(v int32) []byte {
+	buf := make([]byte, 0, 11)
+	if v == 0 {
+		return buf
+	}
+	buf = append(buf, 0x08)
+	u := uint64(int64(v)) // negative int32 goes out sign-extended
+	for u >= 0x80 {
+		buf = append(buf, byte(u)|0x80)
+		u >>= 7
+	}
+	return append(buf, byte(u))
+}
+
+// decode reads a NumberResponse that holds only field 1 (the server's own encoding).
+func decode(data []byte) (int32, error) {
+	if len(data) == 0 {
+		return 0, nil
+	}
+	if data[0] != 0x08 {
+		return 0, fmt.Errorf("unexpected tag %#x in response %x", data[0], data)
+	}
+	var u uint64
+	var shift uint
+	for i := 1; i < len(data); i++ {
+		u |= uint64(data[i]&0x7f) << shift
+		if data[i] < 0x80 {
+			if i != len(data)-1 {
+				return 0, fmt.Errorf("trailing bytes in response %x", data)
+			}
+			return int32(u), nil
+		}
+		shift += 7
+	}
+	return 0, fmt.Errorf("truncated response %x", data)
+}
+
+type result struct {
+	Mode             string  `json:"mode"`
+	Client           string  `json:"client"`
+	Streams          int     `json:"streams"`
+	Connections      int     `json:"connections"`
+	Messages         int64   `json:"messages"`
+	Verified         int64   `json:"verified"`
+	Seconds          float64 `json:"seconds"`
+	MsgPerSec        float64 `json:"msg_per_s"`
+	P50us            float64 `json:"p50_us,omitempty"`
+	P90us            float64 `json:"p90_us,omitempty"`
+	P99us            float64 `json:"p99_us,omitempty"`
+	ClientCPUSeconds float64 `json:"client_cpu_s"`
+	ServerCPUSeconds float64 `json:"server_cpu_s"`
+	Error            string  `json:"error,omitempty"`
+}
+
+type run struct {
+	answered  int64 // sums received and verified so far, all streams
+	measuring int32 // 1 while latencies are recorded
+	mu        sync.Mutex
+	latencies []time.Duration
+	stopOnce  sync.Once
+	err       error // the first failure; guarded by mu
+	stop      chan struct{}
+}
+
+func (r *run) halt() { r.stopOnce.Do(func() { close(r.stop) }) }
+
+func (r *run) fail(err error) {
+	r.mu.Lock()
+	if r.err == nil {
+		r.err = err
+	}
+	r.mu.Unlock()
+	r.halt()
+}
+
+func (r *run) stopped() bool {
+	select {
+	case <-r.stop:
+		return true
+	default:
+		return false
+	}
+}
+
+// pingPong sends one number and waits for its sum before the next.
+func (r *run) pingPong(ctx context.Context, cc *grpc.ClientConn) error {
+	st, err := cc.NewStream(ctx, &grpc.StreamDesc{ClientStreams: true, ServerStreams: true},
+		method, grpc.ForceCodec(rawCodec{}))
+	if err != nil {
+		return err
+	}
+	var sum int32
+	in := make([]byte, 0, 16)
+	var local []time.Duration
+	for i := int64(0); !r.stopped(); i++ {
+		n := number(i)
+		sum += n
+		out := encode(n)
+		t0 := time.Now()
+		if err := st.SendMsg(&out); err != nil {
+			return err
+		}
+		if err := st.RecvMsg(&in); err != nil {
+			return err
+		}
+		d := time.Since(t0)
+		got, err := decode(in)
+		if err != nil {
+			return err
+		}
+		if got != sum {
+			return fmt.Errorf("wrong sum after %d numbers: got %d, want %d", i+1, got, sum)
+		}
+		atomic.AddInt64(&r.answered, 1)
+		if atomic.LoadInt32(&r.measuring) == 1 {
+			local = append(local, d)
+		}
+	}
+	r.mu.Lock()
+	r.latencies = append(r.latencies, local...)
+	r.mu.Unlock()
+	return finish(st)
+}
+
+// pipelined sends numbers without waiting for sums; at most inflight unanswered
+// (0: as many as HTTP/2 flow control lets through).
+func (r *run) pipelined(ctx context.Context, cc *grpc.ClientConn, inflight int) error {
+	st, err := cc.NewStream(ctx, &grpc.StreamDesc{ClientStreams: true, ServerStreams: true},
+		method, grpc.ForceCodec(rawCodec{}))
+	if err != nil {
+		return err
+	}
+	var window chan struct{}
+	if inflight > 0 {
+		window = make(chan struct{}, inflight)
+	}
+	sendErr := make(chan error, 1)
+	go func() {
+		for i := int64(0); !r.stopped(); i++ {
+			if window != nil {
+				select {
+				case window <- struct{}{}:
+				case <-r.stop:
+				}
+			}
+			out := encode(number(i))
+			if err := st.SendMsg(&out); err != nil {
+				sendErr <- err
+				return
+			}
+		}
+		sendErr <- st.CloseSend()
+	}()
+	var sum int32
+	in := make([]byte, 0, 16)
+	for i := int64(0); ; i++ {
+		err := st.RecvMsg(&in)
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		sum += number(i)
+		got, err := decode(in)
+		if err != nil {
+			return err
+		}
+		if got != sum {
+			return fmt.Errorf("wrong sum after %d numbers: got %d, want %d", i+1, got, sum)
+		}
+		atomic.AddInt64(&r.answered, 1)
+		if window != nil {
+			select { // the last send after a stop took no slot
+			case <-window:
+			default:
+			}
+		}
+	}
+	return <-sendErr
+}
+
+// finish half-closes a lock-step stream and expects OK with no further sum.
+func finish(st grpc.ClientStream) error {
+	if err := st.CloseSend(); err != nil {
+		return err
+	}
+	var in []byte
+	if err := st.RecvMsg(&in); err != io.EOF {
+		if err == nil {
+			return errors.New("server sent a sum for no request")
+		}
+		return err
+	}
+	return nil
+}
+
+func cpuSelf() float64 {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9
+}
+
+// cpuOf is the user+system CPU seconds of process pid (0 if pid is 0).
+func cpuOf(pid int) float64 {
+	if pid == 0 {
+		return 0
+	}
+	data, err := ioutil.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(data)
+	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	utime, _ := strconv.ParseFloat(fields[11], 64)
+	stime, _ := strconv.ParseFloat(fields[12], 64)
+	return (utime + stime) / 100 // USER_HZ is 100 on Linux
+}
+
+func percentile(sorted []time.Duration, p float64) float64 {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(p * float64(len(sorted)-1))
+	return float64(sorted[i].Nanoseconds()) / 1e3
+}
+
+func main() {
+	addr := flag.String("addr", "127.0.0.1:50051", "server host:port")
+	mode := flag.String("mode", "stream", "pingpong, stream or concurrent")
+	seconds := flag.Float64("seconds", 5, "measured seconds")
+	warmup := flag.Float64("warmup", 1, "seconds of load before measuring")
+	streams := flag.Int("streams", 100, "concurrent: streams")
+	conns := flag.Int("conns", 4, "concurrent: connections")
+	inflight := flag.Int("inflight", 1000, "stream, concurrent: unanswered numbers per stream "+
+		"(0: unbounded, i.e. up to the server's HTTP/2 window, which can hold 100,000s)")
+	serverPid := flag.Int("server-pid", 0, "server process whose CPU time to report")
+	flag.Parse()
+
+	nStreams, nConns, perStream := 1, 1, *inflight
+	switch *mode {
+	case "pingpong", "stream":
+	case "concurrent":
+		nStreams, nConns = *streams, *conns
+	default:
+		fmt.Fprintf(os.Stderr, "loadgen: unknown mode %q\n", *mode)
+		os.Exit(2)
+	}
+	res := result{Mode: *mode, Client: "go", Streams: nStreams, Connections: nConns}
+	r := &run{stop: make(chan struct{})}
+	ctx, cancel := context.WithTimeout(context.Background(),
+		time.Duration((*seconds+*warmup+60)*float64(time.Second)))
+	defer cancel()
+
+	ccs := make([]*grpc.ClientConn, nConns)
+	for i := range ccs {
+		dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
+		cc, err := grpc.DialContext(dctx, *addr, grpc.WithInsecure(), grpc.WithBlock())
+		dcancel()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "loadgen: cannot connect to %s: %v\n", *addr, err)
+			os.Exit(1)
+		}
+		defer cc.Close()
+		ccs[i] = cc
+	}
+
+	var wg sync.WaitGroup
+	for s := 0; s < nStreams; s++ {
+		wg.Add(1)
+		go func(cc *grpc.ClientConn) {
+			defer wg.Done()
+			var err error
+			if *mode == "pingpong" {
+				err = r.pingPong(ctx, cc)
+			} else {
+				err = r.pipelined(ctx, cc, perStream)
+			}
+			if err != nil {
+				r.fail(err)
+			}
+		}(ccs[s%nConns])
+	}
+
+	sleepOrStop := func(d float64) {
+		select {
+		case <-time.After(time.Duration(d * float64(time.Second))):
+		case <-r.stop:
+		}
+	}
+	sleepOrStop(*warmup)
+	atomic.StoreInt32(&r.measuring, 1)
+	start, n0, c0, s0 := time.Now(), atomic.LoadInt64(&r.answered), cpuSelf(), cpuOf(*serverPid)
+	sleepOrStop(*seconds)
+	elapsed, n1, c1, s1 := time.Since(start), atomic.LoadInt64(&r.answered), cpuSelf(), cpuOf(*serverPid)
+	atomic.StoreInt32(&r.measuring, 0)
+	r.halt() // every stream: stop sending, drain, check the rest
+	wg.Wait()
+
+	res.Messages = n1 - n0
+	res.Verified = atomic.LoadInt64(&r.answered)
+	res.Seconds = elapsed.Seconds()
+	res.MsgPerSec = float64(res.Messages) / res.Seconds
+	res.ClientCPUSeconds = c1 - c0
+	res.ServerCPUSeconds = s1 - s0
+	sort.Slice(r.latencies, func(i, j int) bool { return r.latencies[i] < r.latencies[j] })
+	res.P50us = percentile(r.latencies, 0.50)
+	res.P90us = percentile(r.latencies, 0.90)
+	res.P99us = percentile(r.latencies, 0.99)
+	if r.err != nil {
+		res.Error = r.err.Error()
+	}
+	_ = json.NewEncoder(os.Stdout).Encode(res)
+	if r.err != nil {
+		os.Exit(1)
+	}
+}
