@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import json
@@ -76,9 +77,11 @@ def progress(text: str) -> None:
 class ServerProcess:
     """A server subprocess on 127.0.0.1 and a free port; its stderr kept for errors."""
 
-    def __init__(self, name: str, profile: Path | None = None) -> None:
+    def __init__(self, name: str, profile: Path | None = None, workers: int = 1) -> None:
         self.name = name
         argv = SERVERS[name]
+        if name == "ours" and workers != 1:
+            argv = [*argv, "--workers", str(workers)]
         if profile is not None:  # python -m cProfile -o FILE -m module ...
             argv = [argv[0], "-m", "cProfile", "-o", str(profile), *argv[1:]]
         self.proc = subprocess.Popen(
@@ -117,17 +120,38 @@ class ServerProcess:
         if self.proc.poll() is not None:
             raise BenchError(f"{self.name} server exited: {self.lines[-10:]}")
 
+    def pids(self) -> list[int]:
+        """The server process and its children (the workers of ``--workers N``)."""
+        pids = [self.pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    stat = (entry / "stat").read_text()
+                    if int(stat[stat.rindex(")") + 2 :].split()[1]) == self.pid:  # ppid
+                        pids.append(int(entry.name))
+        return pids
+
     def rss(self) -> int:
-        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-        raise BenchError("no VmRSS")
+        """Resident memory of the server, its workers included."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+        if not total:
+            raise BenchError("no VmRSS")
+        return total
 
     def cpu(self) -> float:
-        """User + system CPU seconds the server has used (threads included)."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text()
-        fields = stat[stat.rindex(")") + 2 :].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        """User + system CPU seconds the server has used (threads and workers included)."""
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                fields = stat[stat.rindex(")") + 2 :].split()
+                total += int(fields[11]) + int(fields[12])
+        return total / CLK_TCK
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:
@@ -191,7 +215,7 @@ def go_run(binary: Path, server: ServerProcess, mode: str, load: Load) -> dict[s
         str(binary),
         *("-addr", f"{HOST}:{server.port}", "-mode", mode),
         *("-seconds", str(load.seconds), "-warmup", str(load.warmup)),
-        *("-server-pid", str(server.pid)),
+        *("-server-pid", ",".join(map(str, server.pids()))),
         *("-streams", str(load.streams), "-conns", str(load.connections)),
         *("-inflight", str(load.window if mode == "stream" else 1)),
     ]
@@ -549,6 +573,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-streams", type=int, default=10_000, help="idle: streams")
     parser.add_argument("--client", choices=["auto", "go", "python"], default="auto")
     parser.add_argument(
+        "--workers", type=int, default=1, help="ours: serve --workers N (CPU and RSS summed)"
+    )
+    parser.add_argument(
         "--cache",
         type=Path,
         default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
@@ -585,13 +612,15 @@ def main(argv: list[str] | None = None) -> int:
     progress(
         f"bench: servers {', '.join(servers)}; modes {', '.join(args.modes)}; "
         f"{args.rounds} round(s) of {args.warmup:g}+{args.seconds:g} s; client: {client}"
+        + (f"; ours with --workers {args.workers}" if args.workers != 1 else "")
     )
     started: dict[str, ServerProcess] = {}
     ok = False
     error = ""
     try:
         for name in servers:
-            started[name] = ServerProcess(name, args.profile if name == "ours" else None)
+            profile = args.profile if name == "ours" else None
+            started[name] = ServerProcess(name, profile, workers=args.workers)
         bench.run(started)
         ok = True
     except (BenchError, OSError, TimeoutError, subprocess.TimeoutExpired) as err:
@@ -619,6 +648,7 @@ def main(argv: list[str] | None = None) -> int:
                     "machine": machine(),
                     "client": client,
                     "servers": servers,
+                    "ours_workers": args.workers,
                     "load": vars(load),
                     "summary": rows,
                     "runs": bench.runs,

@@ -257,11 +257,20 @@ func cpuSelf() float64 {
 	return float64(ru.Utime.Nano()+ru.Stime.Nano()) / 1e9
 }
 
-// cpuOf is the user+system CPU seconds of process pid (0 if pid is 0).
-func cpuOf(pid int) float64 {
-	if pid == 0 {
-		return 0
+// cpuOf is the user+system CPU seconds of the processes in pids, a comma-separated
+// list (a server and its workers); 0 for an empty list.
+func cpuOf(pids string) float64 {
+	total := 0.0
+	for _, field := range strings.Split(pids, ",") {
+		if pid, err := strconv.Atoi(field); err == nil && pid > 0 {
+			total += cpuOfPid(pid)
+		}
 	}
+	return total
+}
+
+// cpuOfPid is the user+system CPU seconds of one process (0 if it cannot be read).
+func cpuOfPid(pid int) float64 {
 	data, err := ioutil.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return 0
@@ -290,7 +299,7 @@ func main() {
 	conns := flag.Int("conns", 4, "concurrent: connections")
 	inflight := flag.Int("inflight", 1000, "stream, concurrent: unanswered numbers per stream "+
 		"(0: unbounded, i.e. up to the server's HTTP/2 window, which can hold 100,000s)")
-	serverPid := flag.Int("server-pid", 0, "server process whose CPU time to report")
+	serverPid := flag.String("server-pid", "", "server processes (comma-separated pids) whose CPU time to report")
 	flag.Parse()
 
 	nStreams, nConns, perStream := 1, 1, *inflight
