@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+from grpclib import events
 from grpclib.const import Status
 from grpclib.testing import ChannelFor
 from h2.events import DataReceived
@@ -148,3 +149,21 @@ async def test_without_number_codec_the_generated_handler_serves() -> None:
         client = NumberClient.over(channel)
         got = [s async for s in client.accumulate([3, 4, -1], timeout=TIMEOUT)]
     assert got == [3, 7, 6]
+
+
+async def test_a_grpclib_message_listener_gets_the_generated_handler(
+    number_server: RunningServer,
+) -> None:
+    """Listeners of grpclib's RecvMessage/SendMessage events see every message: the
+    batched handler, which sends none, steps aside for them."""
+    seen: list[int] = []
+
+    async def record(event: events.RecvMessage) -> None:
+        seen.append(event.message.num)
+
+    events.listen(number_server.server, events.RecvMessage, record)
+    async with await H2Client.connect(number_server.port) as h2:
+        reply, frames = await call_counting_frames(h2, framed(1, 2, 3))
+    assert sums(reply) == [1, 3, 6]
+    assert seen == [1, 2, 3]
+    assert frames == 3  # one per message: the generated handler

@@ -30,6 +30,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from grpclib import events
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import Buffer
@@ -56,36 +57,39 @@ def supported() -> bool:
 
 async def read_available(buffer: Buffer) -> bytes:
     """Everything received on the HTTP/2 stream and not yet read, waiting for at least
-    one byte; ``b""`` at the end of the stream. Gives the flow-control window back for
-    what it returns, as ``Buffer.read`` does.
+    one byte; ``b""`` at the end of the stream.
 
+    Only padding's flow-control window is given back here: the caller gives back
+    the bytes it returns as it reads messages from them (``buffer._ack_callback``),
+    so that, as with ``Buffer.read``, the client's window reopens only for requests
+    read, and not for a backlog waiting behind a blocked send.
     ``Buffer`` queues each DATA frame's payload with its flow-controlled size; the end
     of stream is a queued empty item with ``_eof`` set. Empty DATA frames are skipped.
     """
     chunks: list[bytes] = []
-    if buffer._acked_size:  # left over by a Buffer.read (not ours): hand it on
+    padding = 0
+    if buffer._acked_size:  # left over by a Buffer.read (not ours), already acked
         chunks.extend(bytes(item.data) for item in buffer._acked)
         buffer._acked.clear()
         buffer._acked_size = 0
     queue = buffer._unacked
-    ack = 0
     while True:
         while not queue.empty():
-            data, _, ack_size = queue.get_nowait()
+            data, size, ack_size = queue.get_nowait()
+            padding += ack_size - size
             if data:
                 chunks.append(data)
-            ack += ack_size
         if chunks or buffer._eof:
             break
-        if ack:  # padding only: give its window back before waiting
-            buffer._ack_callback(ack)
-            ack = 0
-        data, _, ack_size = await queue.get()
+        if padding:  # padding only so far: give its window back before waiting
+            buffer._ack_callback(padding)
+            padding = 0
+        data, size, ack_size = await queue.get()
+        padding += ack_size - size
         if data:
             chunks.append(data)
-        ack += ack_size
-    if ack:
-        buffer._ack_callback(ack)
+    if padding:
+        buffer._ack_callback(padding)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -124,19 +128,32 @@ class BatchedAccumulate:
         self.idle_timeout = idle_timeout
         self.max_message_size = max_message_size
         self.count: Counter | None = None  # set by whoever tracks the streams
+        # grpclib RecvMessage/SendMessage listeners that ``count`` stands in for; with
+        # any other listener on the server, a stream gets the generated handler.
+        self.replaces: tuple[Any, ...] = ()
 
     def handler(self, fallback: Handler) -> Handler:
         """The grpclib handler: batched when the server's codec is NumberCodec (whose
         bytes it writes itself), else ``fallback``, the generated one."""
 
         async def handle(stream: Any) -> None:
-            # grpclib.server.Stream keeps its codec and HTTP/2 stream private.
-            if type(stream._codec) is not NumberCodec:
+            # grpclib.server.Stream keeps its codec, HTTP/2 stream and events private.
+            if type(stream._codec) is not NumberCodec or self._watched(stream._dispatch):
                 await fallback(stream)
             else:
                 await self._serve(stream)
 
         return handle
+
+    def _watched(self, dispatch: Any) -> bool:
+        """Someone listens to grpclib's per-message events, which this path does not
+        send (grpclib keeps listeners in the private ``_listeners``)."""
+        listeners = dispatch._listeners
+        return any(
+            callback not in self.replaces
+            for kind in (events.RecvMessage, events.SendMessage)
+            for callback in listeners.get(kind, ())
+        )
 
     async def _serve(self, stream: Any) -> None:
         h2_stream = stream._stream
@@ -147,59 +164,74 @@ class BatchedAccumulate:
         acc = Accumulator()
         pending = b""  # received bytes, from pos on not yet part of a whole message
         pos = 0
+        unacked = 0  # bytes at the end of pending whose flow-control window is not given back
         headers_sent = False
         ended = False
         waited = False  # the loop had a turn since the last batch
         deadline = None if idle_timeout is None else loop.time() + idle_timeout
-        while True:
-            out, error, pos = self._parse(acc, pending, pos)
-            if not out and error is None:
-                if ended:
-                    if pos < len(pending):  # Buffer.read's words for a message cut short
-                        raise GRPCError(Status.INTERNAL, _UNDECODABLE + _CUT_SHORT)
-                    return
-                # No whole message left: wait for more (only here, never to fill a batch).
-                waited = waited or (buffer._unacked.empty() and not buffer._eof)
-                if deadline is None:
-                    data = await read_available(buffer)
-                else:
-                    try:
-                        async with asyncio.timeout_at(deadline):
-                            data = await read_available(buffer)
-                    except TimeoutError:
-                        assert idle_timeout is not None
-                        raise idle_error(idle_timeout) from None
-                if data:
-                    pending = pending[pos:] + data if pos < len(pending) else data
-                    pos = 0
-                else:
-                    ended = True
-                continue
-            count = self.count
-            if count is not None:
-                # A request that overflows was read whole, as in the generated path.
-                count(len(out) + (error is not None and error.status is Status.OUT_OF_RANGE), 0)
-            if out:
-                if not headers_sent:
-                    await stream.send_initial_metadata()
-                    headers_sent = True
-                await h2_stream.send_data(b"".join(out))
-                # grpclib's per-connection figures, as its Stream.send_message keeps them
-                now = time.monotonic()
-                connection.messages_received += len(out)
-                connection.messages_sent += len(out)
-                connection.last_message_received = connection.last_message_sent = now
+        try:
+            while True:
+                out, error, pos = self._parse(acc, pending, pos)
+                read = pos - (len(pending) - unacked)
+                if read > 0:  # window back for requests read, as Buffer.read does
+                    buffer._ack_callback(read)
+                    unacked -= read
+                if not out and error is None:
+                    if ended:
+                        if pos < len(pending):  # Buffer.read's words for a message cut short
+                            raise GRPCError(Status.INTERNAL, _UNDECODABLE + _CUT_SHORT)
+                        return
+                    # No whole message left: wait for more (only here, never to fill a batch).
+                    waited = waited or (buffer._unacked.empty() and not buffer._eof)
+                    if unacked:  # part of a message, which may need the whole window
+                        buffer._ack_callback(unacked)
+                        unacked = 0
+                    if deadline is None:
+                        data = await read_available(buffer)
+                    else:
+                        try:
+                            async with asyncio.timeout_at(deadline):
+                                data = await read_available(buffer)
+                        except TimeoutError:
+                            assert idle_timeout is not None
+                            raise idle_error(idle_timeout) from None
+                    if data:
+                        pending = pending[pos:] + data if pos < len(pending) else data
+                        pos = 0
+                        unacked = len(data)
+                    else:
+                        ended = True
+                    continue
+                count = self.count
                 if count is not None:
-                    count(0, len(out))
-                if idle_timeout is not None:
-                    deadline = loop.time() + idle_timeout
-            if error is not None:
-                raise error
-            if not waited:
-                # Everything was there and the window open: no await above gave
-                # other streams a turn, so give them one now.
-                await asyncio.sleep(0)
-            waited = False
+                    # A request that overflows was read whole, as in the generated path.
+                    count(len(out) + (error is not None and error.status is Status.OUT_OF_RANGE), 0)
+                if out:
+                    if not headers_sent:
+                        await stream.send_initial_metadata()
+                        headers_sent = True
+                    await h2_stream.send_data(b"".join(out))
+                    # grpclib's per-connection figures, as its Stream.send_message keeps them
+                    now = time.monotonic()
+                    connection.messages_received += len(out)
+                    connection.messages_sent += len(out)
+                    connection.last_message_received = connection.last_message_sent = now
+                    if count is not None:
+                        count(0, len(out))
+                    if idle_timeout is not None:
+                        deadline = loop.time() + idle_timeout
+                if error is not None:
+                    raise error
+                if not waited:
+                    # Everything was there and the window open: no await above gave
+                    # other streams a turn, so give them one now.
+                    await asyncio.sleep(0)
+                waited = False
+        finally:
+            # Bytes received and never read: the connection's window must get them
+            # back (grpclib's release_stream does so only for what is still queued).
+            if unacked and not connection.is_closing():
+                buffer._ack_callback(unacked)
 
     def _parse(
         self, acc: Accumulator, pending: bytes, pos: int

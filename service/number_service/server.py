@@ -93,6 +93,7 @@ class NumberServer:
         streams.on_end.append(log_stream_end)
         if batched is not None:
             batched.count = streams.count
+            batched.replaces = streams.message_listeners()
         MessageSizeLimit(server, limits.max_message_size)
         built = cls(
             server,
