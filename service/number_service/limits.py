@@ -29,8 +29,6 @@ from typing import Any
 
 from grpclib import events
 from grpclib.config import Configuration
-from grpclib.const import Status
-from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server
 from h2.config import H2Configuration
@@ -40,6 +38,8 @@ from h2.exceptions import ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
 from h2.stream import StreamClosedBy
 from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
+
+from .fastpath import too_large
 
 log = logging.getLogger("number_service.limits")
 
@@ -150,12 +150,7 @@ def _limit_reads(h2_stream: Any, max_size: int) -> None:
         if body_next:
             body_next = False
             if size > max_size:
-                raise GRPCError(
-                    Status.RESOURCE_EXHAUSTED,
-                    f"request message of {size} bytes is larger than the server's limit "
-                    f"of {max_size} bytes; send smaller messages or raise "
-                    "--max-message-size",
-                )
+                raise too_large(size, max_size)
             return await recv_data(size)
         data = await recv_data(size)
         # A whole prefix is followed by its body (none after end of stream).

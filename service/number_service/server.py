@@ -27,6 +27,8 @@ from grpclib.server import Server
 
 from .coalesce import CoalescingServer
 from .codec import NumberCodec
+from .fastpath import BatchedAccumulate
+from .fastpath import supported as fastpath_supported
 from .limits import DEFAULT_TLS_HANDSHAKE_TIMEOUT, Connections, Limits, MessageSizeLimit
 from .logs import log_stream_end
 from .metrics import Metrics, MetricsEndpoint
@@ -78,12 +80,20 @@ class NumberServer:
     def build(cls, limits: Limits | None = None) -> NumberServer:
         """The server with ``limits`` (default: :class:`Limits`' defaults)."""
         limits = Limits() if limits is None else limits
-        number = NumberService(stream_idle_timeout=limits.stream_idle_timeout)
+        batched = None
+        if fastpath_supported():  # grpclib's Buffer as fastpath.py knows it
+            batched = BatchedAccumulate(
+                idle_timeout=limits.stream_idle_timeout, max_message_size=limits.max_message_size
+            )
+        number = NumberService(stream_idle_timeout=limits.stream_idle_timeout, batched=batched)
         health = ServiceStatus()
         services = with_reflection([number, Health({number: [health]})])
         server = CoalescingServer(services, codec=NumberCodec(), config=limits.grpclib_config())
         streams = Streams(server, services, drained=[ACCUMULATE_NUMBERS])
         streams.on_end.append(log_stream_end)
+        if batched is not None:
+            batched.count = streams.count
+            batched.replaces = streams.message_listeners()
         MessageSizeLimit(server, limits.max_message_size)
         built = cls(
             server,

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from grpclib.const import Status
+from grpclib.const import Handler, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from number_service_gen.tutorial import NumberRequest, NumberResponse, NumberServiceBase
 
 from .accumulator import Accumulator, SumOutOfRangeError
+from .fastpath import BatchedAccumulate, idle_error
 from .messages import response
 
 #: Full method path on the wire, identical to the Go original's.
@@ -23,10 +24,30 @@ _UNDECODABLE = "request could not be decoded as tutorial.NumberRequest: "
 class NumberService(NumberServiceBase):
     """Answers every request on a stream with the sum so far; streams share nothing."""
 
-    def __init__(self, *, stream_idle_timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        stream_idle_timeout: float | None = None,
+        batched: BatchedAccumulate | None = None,
+    ) -> None:
         """``stream_idle_timeout``: end a stream that sends no request for this many
-        seconds with DEADLINE_EXCEEDED (None: wait as long as the client likes)."""
+        seconds with DEADLINE_EXCEEDED (None: wait as long as the client likes).
+
+        ``batched``: serve AccumulateNumbers with this batched handler (fastpath.py)
+        when the server's codec is NumberCodec, instead of the generated handler and
+        :meth:`accumulate_numbers`; ``NumberServer.build`` does. It bypasses grpclib's
+        RecvMessage/SendMessage events: its ``count`` reports the messages instead.
+        """
         self.stream_idle_timeout = stream_idle_timeout
+        self.batched = batched
+
+    def __mapping__(self) -> dict[str, Handler]:
+        mapping = super().__mapping__()
+        if self.batched is not None:
+            generated = mapping[ACCUMULATE_NUMBERS]
+            fast = self.batched.handler(generated.func)
+            mapping[ACCUMULATE_NUMBERS] = generated._replace(func=fast)
+        return mapping
 
     async def accumulate_numbers(
         self, number_request_iterator: AsyncIterator[NumberRequest]
@@ -78,11 +99,8 @@ async def _decoded(
         except StopAsyncIteration:
             return
         except TimeoutError:
-            raise GRPCError(
-                Status.DEADLINE_EXCEEDED,
-                f"no request for {idle_timeout:g} s (--stream-idle-timeout); "
-                "the sums so far are valid, start a new stream to continue",
-            ) from None
+            assert idle_timeout is not None
+            raise idle_error(idle_timeout) from None
         except (GRPCError, StreamTerminatedError):
             raise
         except NotImplementedError as err:  # grpclib's answer to a compressed message

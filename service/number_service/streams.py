@@ -184,6 +184,23 @@ class Streams:
             record.status = event.status
             record.message = event.status_message
 
+    def message_listeners(self) -> tuple[Any, ...]:
+        """Its grpclib RecvMessage and SendMessage listeners, which :meth:`count` replaces."""
+        return (self._recv_message, self._send_message)
+
+    def count(self, received: int, sent: int) -> None:
+        """Count messages of the current stream that grpclib's events do not see
+        (fastpath.py's batches): the same records and listener calls, one per message."""
+        if record := self.current():
+            if received:
+                record.received += received
+                for _ in range(received):
+                    self.on_receive.notify(record)
+            if sent:
+                record.sent += sent
+                for _ in range(sent):
+                    self.on_send.notify(record)
+
     def current(self) -> StreamRecord | None:
         """The record of the stream whose handler task is running now, if any."""
         task = asyncio.current_task()
