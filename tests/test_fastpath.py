@@ -6,20 +6,26 @@ sees each DATA frame."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import socket
 
 from grpclib import events
 from grpclib.const import Status
 from grpclib.testing import ChannelFor
+from h2.config import H2Configuration
+from h2.connection import H2Connection
 from h2.events import DataReceived
+from h2.settings import SettingCodes, Settings
 from rawh2 import H2Client, Reply, grpc_message
 
 from number_service.client import NumberClient
 from number_service.codec import decode_int32_field, encode_int32_field
 from number_service.fastpath import _BATCH, BatchedAccumulate, supported
 from number_service.pytest_plugin import RunningServer
+from number_service.server import NumberServer, address_of, bind
 from number_service.service import NumberService
-from number_service.streams import StreamRecord
+from number_service.streams import TRAILERS_WAIT, StreamRecord
 
 TIMEOUT = 5.0
 INT32_MAX = 2**31 - 1
@@ -63,7 +69,7 @@ def test_supported_by_this_grpclib() -> None:
 async def test_requests_in_one_data_frame_are_answered_in_one(
     number_server: RunningServer,
 ) -> None:
-    numbers = list(range(-50, 150))
+    numbers = list(range(-50, _BATCH - 50))  # a whole batch, in one DATA frame
     ended = ended_records(number_server)
     async with await H2Client.connect(number_server.port) as h2:
         reply, frames = await call_counting_frames(h2, framed(*numbers))
@@ -71,7 +77,7 @@ async def test_requests_in_one_data_frame_are_answered_in_one(
     assert sums(reply) == list(itertools.accumulate(numbers))
     assert frames == 1
     record = next(r for r in ended if r.method_name == "AccumulateNumbers")
-    assert (record.received, record.sent, record.status) == (200, 200, Status.OK)
+    assert (record.received, record.sent, record.status) == (_BATCH, _BATCH, Status.OK)
 
 
 async def test_a_large_backlog_goes_out_in_several_batches_in_order(
@@ -167,3 +173,52 @@ async def test_a_grpclib_message_listener_gets_the_generated_handler(
     assert sums(reply) == [1, 3, 6]
     assert seen == [1, 2, 3]
     assert frames == 3  # one per message: the generated handler
+
+
+REQUEST_HEADERS = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", "/tutorial.NumberService/AccumulateNumbers"),
+    (":authority", "127.0.0.1"),
+    ("te", "trailers"),
+    ("content-type", "application/grpc"),
+]
+
+
+async def test_shutdown_ends_even_when_a_client_never_reads() -> None:
+    """A client that floods and never reads: the server's answers fill the socket
+    buffers within a second on this path, and the drain's UNAVAILABLE trailers can
+    never be written. Shutdown must still end (it once waited forever)."""
+    built = NumberServer.build()
+    sock = bind("127.0.0.1", 0)
+    await built.start(sock)
+    port = address_of(sock)[1]
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw.connect(("127.0.0.1", port))
+    raw.setblocking(False)
+    loop = asyncio.get_running_loop()
+    h2 = H2Connection(H2Configuration(client_side=True))
+    big = 2**31 - 1  # the client lets the server send all it likes: its socket is what fills
+    h2.local_settings = Settings(
+        client=True, initial_values={SettingCodes.INITIAL_WINDOW_SIZE: big}
+    )
+    h2.initiate_connection()
+    h2.increment_flow_control_window(big - 65535)
+    stream_id = h2.get_next_available_stream_id()
+    h2.send_headers(stream_id, REQUEST_HEADERS)
+    try:
+        await loop.sock_sendall(raw, h2.data_to_send())
+        # The server's SETTINGS and window update open its 4 MiB receive window.
+        h2.receive_data(await asyncio.wait_for(loop.sock_recv(raw, 65536), 5))
+        await loop.sock_sendall(raw, h2.data_to_send())
+        batch = grpc_message(encode_int32_field(1)) * 2000
+        while h2.local_flow_control_window(stream_id) > len(batch):  # the server's 4 MiB
+            h2.send_data(stream_id, batch)
+            await loop.sock_sendall(raw, h2.data_to_send())
+        await asyncio.sleep(1.0)  # the server answers until its writes back up
+        started = loop.time()
+        await asyncio.wait_for(built.shutdown(grace=0.5), 0.5 + TRAILERS_WAIT + 5)
+        assert loop.time() - started < 0.5 + TRAILERS_WAIT + 2
+    finally:
+        raw.close()

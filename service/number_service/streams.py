@@ -30,6 +30,7 @@ from grpclib.server import Server
 log = logging.getLogger(__name__)
 
 _SHUTDOWN = "number-service: grace period over"
+TRAILERS_WAIT = 2.0  # seconds streams ended by a drain get to send their trailers
 
 _TYPES = {
     Cardinality.UNARY_UNARY: "unary",
@@ -233,7 +234,10 @@ class Streams:
         for task in left:
             task.cancel(_SHUTDOWN)
         if left:
-            await asyncio.wait(left)
+            # Their UNAVAILABLE trailers wait for the client to read; one that does
+            # not read would hold the drain forever. After this, Server.close()
+            # cancels whatever is still waiting.
+            await asyncio.wait(left, timeout=TRAILERS_WAIT)
         return len(left)
 
 
