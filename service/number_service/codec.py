@@ -38,7 +38,7 @@ class DecodeError(ValueError):
     """Bytes that Google's protobuf parser would reject for this message."""
 
 
-def _varint(data: bytes, pos: int, max_bytes: int) -> tuple[int, int]:
+def _varint(data: bytes | bytearray, pos: int, max_bytes: int) -> tuple[int, int]:
     """Read a varint of at most ``max_bytes`` at ``pos``; return (value, next pos)."""
     result = 0
     shift = 0
@@ -55,7 +55,7 @@ def _varint(data: bytes, pos: int, max_bytes: int) -> tuple[int, int]:
     raise DecodeError(f"varint longer than {max_bytes} bytes")
 
 
-def decode_int32_field(data: bytes) -> int:
+def decode_int32_field(data: bytes | bytearray) -> int:
     """The int32 in field 1 of a message whose only known field it is (0 if absent)."""
     value = 0
     pos = 0
