@@ -31,6 +31,7 @@ from .accumulator import check_int32
 from .messages import request, response
 
 MAX_GROUP_DEPTH = 100  # upb's default recursion limit
+PREFIX_SIZE = 5  # before each message on the wire: a compressed flag and a 4-byte length
 _U64 = (1 << 64) - 1
 
 

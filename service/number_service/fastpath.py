@@ -35,17 +35,15 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import Buffer
 
+from . import statuses
 from .accumulator import Accumulator, SumOutOfRangeError
-from .codec import DecodeError, NumberCodec, decode_int32_field, encode_int32_field
+from .codec import PREFIX_SIZE, DecodeError, NumberCodec, decode_int32_field, encode_int32_field
 
-_PREFIX = 5  # a gRPC message's compressed flag and 4-byte length
 # Messages answered per write at most, so that one stream cannot hog the loop: a
 # reviewer measured a lock-step stream next to a pipelined flood at p50 13.7 ms with
 # 512 and 2.1 ms with 32 (the generated path: 8.2 ms); the flood itself lost ~15%.
 _BATCH = 64
-_UNDECODABLE = "request could not be decoded as tutorial.NumberRequest: "
-_CUT_SHORT = "Received less data than expected"
-_COMPRESSED = "request could not be read: Compression not implemented; send it uncompressed"
+_CUT_SHORT = "Received less data than expected"  # grpclib's words, from Buffer.read
 
 #: ``count(received, sent)``: called with the messages of each batch, in the stream's task.
 Counter = Callable[[int, int], None]
@@ -97,24 +95,6 @@ async def read_available(buffer: Buffer) -> tuple[bytes, int]:
     if padding:
         buffer._ack_callback(padding)
     return (chunks[0] if len(chunks) == 1 else b"".join(chunks)), acked
-
-
-def too_large(size: int, max_size: int) -> GRPCError:
-    """The status for a request message over the server's limit."""
-    return GRPCError(
-        Status.RESOURCE_EXHAUSTED,
-        f"request message of {size} bytes is larger than the server's limit "
-        f"of {max_size} bytes; send smaller messages or raise --max-message-size",
-    )
-
-
-def idle_error(idle_timeout: float) -> GRPCError:
-    """The status for a stream that sent no request for ``idle_timeout`` seconds."""
-    return GRPCError(
-        Status.DEADLINE_EXCEEDED,
-        f"no request for {idle_timeout:g} s (--stream-idle-timeout); "
-        "the sums so far are valid, start a new stream to continue",
-    )
 
 
 def _framed(total: int) -> bytes:
@@ -188,7 +168,7 @@ class BatchedAccumulate:
                 if not out and error is None:
                     if ended:
                         if pos < len(pending):  # Buffer.read's words for a message cut short
-                            raise GRPCError(Status.INTERNAL, _UNDECODABLE + _CUT_SHORT)
+                            raise statuses.undecodable(_CUT_SHORT)
                         return
                     # No whole message left: wait for more (only here, never to fill a batch).
                     waited = waited or (buffer._unacked.empty() and not buffer._eof)
@@ -203,7 +183,7 @@ class BatchedAccumulate:
                                 data, acked = await read_available(buffer)
                         except TimeoutError:
                             assert idle_timeout is not None
-                            raise idle_error(idle_timeout) from None
+                            raise statuses.idle(idle_timeout) from None
                     if data:
                         del pending[:pos]
                         pending += data
@@ -251,21 +231,21 @@ class BatchedAccumulate:
         out: list[bytes] = []
         end = len(pending)
         max_size = self.max_message_size
-        while end - pos >= _PREFIX and len(out) < _BATCH:
+        while end - pos >= PREFIX_SIZE and len(out) < _BATCH:
             if pending[pos]:  # grpclib checks the flag as soon as the prefix is in
-                return out, GRPCError(Status.UNIMPLEMENTED, _COMPRESSED), pos
-            size = int.from_bytes(pending[pos + 1 : pos + _PREFIX], "big")
+                return out, statuses.compressed(), pos
+            size = int.from_bytes(pending[pos + 1 : pos + PREFIX_SIZE], "big")
             if max_size is not None and size > max_size:  # decided before the body comes
-                return out, too_large(size, max_size), pos
-            start = pos + _PREFIX
+                return out, statuses.too_large(size, max_size), pos
+            start = pos + PREFIX_SIZE
             if end - start < size:
                 break
             try:
                 total = acc.add(decode_int32_field(pending[start : start + size]))
             except DecodeError as err:
-                return out, GRPCError(Status.INTERNAL, f"{_UNDECODABLE}{err}"), pos
+                return out, statuses.undecodable(err), pos
             except SumOutOfRangeError as err:
-                return out, GRPCError(Status.OUT_OF_RANGE, str(err)), pos
+                return out, statuses.out_of_range(err), pos
             pos = start + size
             out.append(_framed(total))
         return out, None, pos

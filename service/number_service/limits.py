@@ -39,7 +39,8 @@ from h2.settings import SettingCodes
 from h2.stream import StreamClosedBy
 from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
 
-from .fastpath import too_large
+from .codec import PREFIX_SIZE
+from .statuses import too_large
 
 log = logging.getLogger("number_service.limits")
 
@@ -50,8 +51,6 @@ DEFAULT_KEEPALIVE_TIME = 300.0  # seconds between pings on each connection
 DEFAULT_KEEPALIVE_TIMEOUT = 20.0  # seconds for a ping's answer; gRPC's default
 DEFAULT_IDLE_TIMEOUT = None  # off, as gRPC's MaxConnectionIdle: see Limits.idle_timeout
 DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds a TLS client has to finish its handshake
-
-_PREFIX = 5  # a gRPC message's compressed flag and 4-byte length
 
 
 @dataclass(frozen=True)
@@ -154,7 +153,7 @@ def _limit_reads(h2_stream: Any, max_size: int) -> None:
             return await recv_data(size)
         data = await recv_data(size)
         # A whole prefix is followed by its body (none after end of stream).
-        body_next = size == _PREFIX and len(data) == _PREFIX
+        body_next = size == PREFIX_SIZE and len(data) == PREFIX_SIZE
         return data
 
     h2_stream.recv_data = checked

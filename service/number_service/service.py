@@ -5,20 +5,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from grpclib.const import Handler, Status
+from grpclib.const import Handler
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from number_service_gen.tutorial import NumberRequest, NumberResponse, NumberServiceBase
 
+from . import statuses
 from .accumulator import Accumulator, SumOutOfRangeError
-from .fastpath import BatchedAccumulate, idle_error
+from .fastpath import BatchedAccumulate
 from .messages import response
 
 #: Full method path on the wire, identical to the Go original's.
 ACCUMULATE_NUMBERS = "/tutorial.NumberService/AccumulateNumbers"
 
 _YIELD_EVERY = 32  # responses between two turns given to the event loop
-_UNDECODABLE = "request could not be decoded as tutorial.NumberRequest: "
 
 
 class NumberService(NumberServiceBase):
@@ -60,11 +60,11 @@ class NumberService(NumberServiceBase):
         async for request in requests:
             num = request.num  # once: each betterproto attribute read costs ~1 us
             if type(num) is not int:  # betterproto's own decoder lets this through
-                raise GRPCError(Status.INTERNAL, _UNDECODABLE + "num is not an int32")
+                raise statuses.undecodable("num is not an int32")
             try:
                 total = acc.add(num)
             except SumOutOfRangeError as err:
-                raise GRPCError(Status.OUT_OF_RANGE, str(err)) from None
+                raise statuses.out_of_range(err) from None
             yield response(total)  # a NumberResponse(sum=total), built without its hooks
             answered += 1
             if answered % _YIELD_EVERY == 0:
@@ -100,13 +100,11 @@ async def _decoded(
             return
         except TimeoutError:
             assert idle_timeout is not None
-            raise idle_error(idle_timeout) from None
+            raise statuses.idle(idle_timeout) from None
         except (GRPCError, StreamTerminatedError):
             raise
         except NotImplementedError as err:  # grpclib's answer to a compressed message
-            raise GRPCError(
-                Status.UNIMPLEMENTED, f"request could not be read: {err}; send it uncompressed"
-            ) from None
+            raise statuses.compressed(err) from None
         except Exception as err:
-            raise GRPCError(Status.INTERNAL, f"{_UNDECODABLE}{err}") from None
+            raise statuses.undecodable(err) from None
         yield request
