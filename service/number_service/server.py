@@ -18,7 +18,8 @@ import os
 import signal
 import socket
 import ssl as _ssl  # the parameter of NumberServer.start is called ssl, as in grpclib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from grpclib.health.check import ServiceStatus
@@ -154,16 +155,27 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
 
     Raises OSError with the address in the message, e.g. when the port is taken.
     """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, address = infos[0]
-        listener = socket.create_server(
-            address[:2], family=family, backlog=128, reuse_port=reuse_port
-        )
+    with listen_errors(host, port):
+        family, address = resolve(host, port)
+        listener = socket.create_server(address, family=family, backlog=128, reuse_port=reuse_port)
         # create_server leaves proto 0, and asyncio sets TCP_NODELAY on accepted
         # sockets only when proto is IPPROTO_TCP: without it, Nagle plus delayed
         # ACKs held each lock-step answer ~40 ms. Re-wrap the fd with the right proto.
         return socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, listener.detach())
+
+
+def resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple[str, int]]:
+    """The family and address to listen on for host:port: the first getaddrinfo gives."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, _, _, _, address = infos[0]
+    return family, (str(address[0]), int(address[1]))
+
+
+@contextmanager
+def listen_errors(host: str, port: int) -> Iterator[None]:
+    """Turn a failure to resolve or bind host:port into one OSError that names it."""
+    try:
+        yield
     except socket.gaierror as err:  # its errno is not an os.strerror one
         raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
     except OSError as err:

@@ -46,7 +46,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from .metrics import MULTIPROC_ENV, MetricsEndpoint
-from .server import ServeConfig, address_of, host_port
+from .server import ServeConfig, address_of, host_port, listen_errors, resolve
 from .worker import HURRY_SIGNAL, READY, WORKER_ENV
 
 log = logging.getLogger("number_service")
@@ -141,24 +141,18 @@ def reserve(host: str, port: int) -> socket.socket:
     anything has it, including the workers of another supervisor (they would
     otherwise silently share it). Raises OSError naming the address.
     """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, address = infos[0]
+    with listen_errors(host, port):
+        family, address = resolve(host, port)
         if port:
             with _tcp_socket(family, reuse_port=False) as probe:
-                probe.bind(address[:2])
+                probe.bind(address)
         sock = _tcp_socket(family, reuse_port=True)
         try:
-            sock.bind(address[:2])
+            sock.bind(address)
         except OSError:
             sock.close()
             raise
         return sock
-    except socket.gaierror as err:  # its errno is not an os.strerror one
-        raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
-    except OSError as err:
-        reason = os.strerror(err.errno) if err.errno else str(err)
-        raise OSError(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 def _tcp_socket(family: int, *, reuse_port: bool) -> socket.socket:
