@@ -138,10 +138,28 @@ func (r *run) stopped() bool {
 	}
 }
 
+// openStream opens one AccumulateNumbers stream whose messages are raw bytes.
+func openStream(ctx context.Context, cc *grpc.ClientConn) (grpc.ClientStream, error) {
+	return cc.NewStream(ctx, &grpc.StreamDesc{ClientStreams: true, ServerStreams: true},
+		method, grpc.ForceCodec(rawCodec{}))
+}
+
+// verify checks the answer to number i against the running sum, and counts it.
+func (r *run) verify(in []byte, sum int32, i int64) error {
+	got, err := decode(in)
+	if err != nil {
+		return err
+	}
+	if got != sum {
+		return fmt.Errorf("wrong sum after %d numbers: got %d, want %d", i+1, got, sum)
+	}
+	atomic.AddInt64(&r.answered, 1)
+	return nil
+}
+
 // pingPong sends one number and waits for its sum before the next.
 func (r *run) pingPong(ctx context.Context, cc *grpc.ClientConn) error {
-	st, err := cc.NewStream(ctx, &grpc.StreamDesc{ClientStreams: true, ServerStreams: true},
-		method, grpc.ForceCodec(rawCodec{}))
+	st, err := openStream(ctx, cc)
 	if err != nil {
 		return err
 	}
@@ -160,14 +178,9 @@ func (r *run) pingPong(ctx context.Context, cc *grpc.ClientConn) error {
 			return err
 		}
 		d := time.Since(t0)
-		got, err := decode(in)
-		if err != nil {
+		if err := r.verify(in, sum, i); err != nil {
 			return err
 		}
-		if got != sum {
-			return fmt.Errorf("wrong sum after %d numbers: got %d, want %d", i+1, got, sum)
-		}
-		atomic.AddInt64(&r.answered, 1)
 		if atomic.LoadInt32(&r.measuring) == 1 {
 			local = append(local, d)
 		}
@@ -181,8 +194,7 @@ func (r *run) pingPong(ctx context.Context, cc *grpc.ClientConn) error {
 // pipelined sends numbers without waiting for sums; at most inflight unanswered
 // (0: as many as HTTP/2 flow control lets through).
 func (r *run) pipelined(ctx context.Context, cc *grpc.ClientConn, inflight int) error {
-	st, err := cc.NewStream(ctx, &grpc.StreamDesc{ClientStreams: true, ServerStreams: true},
-		method, grpc.ForceCodec(rawCodec{}))
+	st, err := openStream(ctx, cc)
 	if err != nil {
 		return err
 	}
@@ -218,14 +230,9 @@ func (r *run) pipelined(ctx context.Context, cc *grpc.ClientConn, inflight int) 
 			return err
 		}
 		sum += number(i)
-		got, err := decode(in)
-		if err != nil {
+		if err := r.verify(in, sum, i); err != nil {
 			return err
 		}
-		if got != sum {
-			return fmt.Errorf("wrong sum after %d numbers: got %d, want %d", i+1, got, sum)
-		}
-		atomic.AddInt64(&r.answered, 1)
 		if window != nil {
 			select { // the last send after a stop took no slot
 			case <-window:
