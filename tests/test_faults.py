@@ -379,17 +379,16 @@ async def test_server_enforces_the_deadline_on_a_client_that_stays(
     await assert_serves(number_server.port)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="grpclib 0.4.9: a deadline already over when the request is handled raises in "
-    "DeadlineWrapper.start (utils.py:103) before the wrapper is armed, so request_handler "
-    "(server.py:449-458) logs ERROR 'Timeout occurred' with a traceback and answers UNKNOWN",
-)
 async def test_deadline_over_on_arrival_is_deadline_exceeded_without_traceback(
     number_server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A request whose grpc-timeout is already spent when the server gets to it
-    (a 1 ns timeout here; a short deadline on a busy server in real life)."""
+    (a 1 ns timeout here; a short deadline on a busy server in real life).
+
+    grpclib 0.4.9 raises in DeadlineWrapper.start (utils.py:103) before the wrapper is
+    armed, so its request_handler logs 'Timeout occurred' with a traceback and
+    answers UNKNOWN; the serving layer's request handler checks the deadline first.
+    This was a strict xfail."""
     caplog.set_level(logging.DEBUG)
     raw = await RawH2.connect(number_server.port)
     try:

@@ -36,6 +36,8 @@ import hpack
 import pytest
 from google.protobuf.message import DecodeError
 from grpclib.const import Status
+from h2.errors import ErrorCodes
+from hyperframe.frame import RstStreamFrame
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from polling import eventually
@@ -269,7 +271,7 @@ async def test_message_cut_short_by_end_of_stream_is_internal(
         reply = await h2.call(grpc_message(b"\x08\x04"), data, framed=True)
     assert sums_of(reply.messages) == [4]
     assert reply.grpc_status == Status.INTERNAL.value
-    assert reply.grpc_message == UNDECODABLE + "Received less data than expected"
+    assert reply.grpc_message == UNDECODABLE + "the stream ended inside a message"
     await assert_serving(client, number_server)
 
 
@@ -294,25 +296,32 @@ async def test_message_cut_short_without_end_of_stream_waits_for_the_deadline(
 
 
 @pytest.mark.parametrize("missing", [":method", ":path"])
-async def test_request_without_method_or_path_gets_no_answer(
-    number_server: RunningServer, client: NumberClient, missing: str
+async def test_request_without_method_or_path_is_reset_with_protocol_error(
+    number_server: RunningServer,
+    client: NumberClient,
+    missing: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """grpclib 0.4.9 turns off h2's header validation and then reads these headers
-    with ``headers_map[...]``: the KeyError is logged as "Server error" and the
-    stream is left open with no answer at all, until the client gives up."""
+    """A malformed request (RFC 9113 8.3.1) gets RST_STREAM(PROTOCOL_ERROR) at once.
+    grpclib 0.4.9 turns off h2's header validation and then reads these headers with
+    ``headers_map[...]``: the KeyError was logged as "Server error" with a traceback
+    and the stream left open with no answer at all, until the client gave up."""
+    caplog.set_level(logging.INFO)
     headers = [(k, v) for k, v in request_headers(ACCUMULATE) if k != missing]
     request = frame(HEADERS, END_HEADERS, 1, hpack.Encoder().encode(headers))
     request += frame(DATA, END_STREAM, 1, grpc_message(b"\x08\x01"))
     async with await RawSocket.connect(number_server.port) as sock:
         await sock.send(PREFACE + SETTINGS_FRAME + request)
-        received = await sock.read(timeout=QUIET)
+        received = await sock.read(lambda r: any(isinstance(f, RstStreamFrame) for f in r.frames))
         assert not received.closed
-        assert only_settings(received)  # no HEADERS, no RST_STREAM: nothing for stream 1
-        await sock.send(
-            frame(RST_STREAM, 0, 1, struct.pack(">I", 8)) + frame(PING, 0, 0, b"12345678")
-        )
+        resets = [f for f in received.frames if isinstance(f, RstStreamFrame)]
+        assert [(f.stream_id, f.error_code) for f in resets] == [(1, ErrorCodes.PROTOCOL_ERROR)]
+        assert "HeadersFrame" not in received.frame_types()
+        await sock.send(frame(PING, 0, 0, b"12345678"))
         received = await sock.read(lambda r: r.ping_acked(b"12345678"))
         assert received.ping_acked(b"12345678")  # the connection itself still works
+    await eventually(lambda: not number_server.instance.streams.live(), timeout=TIMEOUT)
+    assert not [r for r in caplog.records if r.levelno > logging.INFO], caplog.text
     await assert_serving(client, number_server)
 
 

@@ -4,9 +4,10 @@
 grpclib :class:`~grpclib.server.Server` (grpclib 0.4.9 has no knob for any of them
 except keepalive, whose options are experimental and underscore-named):
 
-- :class:`MessageSizeLimit` answers a request message over ``max_message_size``
-  with RESOURCE_EXHAUSTED as soon as its 5-byte gRPC length prefix arrives, so the
-  body is never read or buffered (grpclib would read it all before decoding).
+- every stream (``grpclib_ext.BatchingStream``) answers a request message over
+  ``max_message_size`` with RESOURCE_EXHAUSTED as soon as its 5-byte gRPC length
+  prefix arrives, so the body is never decoded; and ends a stream that sends no
+  request for ``stream_idle_timeout`` seconds;
 - :class:`Connections` wraps every accepted connection: it refuses connections
   over ``max_connections`` with a GOAWAY, advertises ``max_concurrent_streams`` in
   the server's HTTP/2 SETTINGS (a stream over it gets RST_STREAM REFUSED_STREAM),
@@ -14,20 +15,17 @@ except keepalive, whose options are experimental and underscore-named):
   also with a GOAWAY.
 
 Keepalive pings (and closing a peer that does not answer them) are grpclib's own,
-configured by :meth:`Limits.grpclib_config`. The per-stream idle timeout is the
-service's (:class:`~number_service.service.NumberService`), since it is about
-requests, not connections.
+configured by :meth:`Limits.grpclib_config`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from grpclib import events
 from grpclib.config import Configuration
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server
@@ -39,8 +37,7 @@ from h2.settings import SettingCodes
 from h2.stream import StreamClosedBy
 from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
 
-from .codec import PREFIX_SIZE
-from .statuses import too_large
+from .serving.grpclib_ext import StreamLimits
 
 log = logging.getLogger("number_service.limits")
 
@@ -90,6 +87,12 @@ class Limits:
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive (None: off)")
 
+    def stream_limits(self) -> StreamLimits:
+        """The limits every stream enforces itself."""
+        return StreamLimits(
+            max_message_size=self.max_message_size, idle_timeout=self.stream_idle_timeout
+        )
+
     def grpclib_config(self) -> Configuration:
         """grpclib's Configuration with our keepalive: ping every ``keepalive_time``
         seconds, with or without streams, and close a connection whose peer does
@@ -109,54 +112,6 @@ class Limits:
             _http2_max_pings_without_data=0,
             _http2_min_sent_ping_interval_without_data=self.keepalive_time,
         )
-
-
-# --- maximum message size ---------------------------------------------------------------
-
-
-class MessageSizeLimit:
-    """RESOURCE_EXHAUSTED for a request message over ``max_size`` bytes, decided from
-    its length prefix before any of the body is read; attach before the server starts.
-
-    grpclib reads a message as ``recv_data(5)`` for the prefix, then
-    ``recv_data(length)`` for the body (grpclib.stream.recv_message), on the HTTP/2
-    stream under the gRPC one. There is no public hook between the two, so the
-    HTTP/2 stream's ``recv_data`` is wrapped, per stream, to refuse the body read.
-    """
-
-    def __init__(self, server: Server, max_size: int) -> None:
-        self.max_size = max_size
-        events.listen(server, events.RecvRequest, self._recv_request)
-
-    async def _recv_request(self, event: events.RecvRequest) -> None:
-        handler = event.method_func
-        max_size = self.max_size
-
-        async def limited(stream: Any) -> None:
-            # grpclib.server.Stream keeps its HTTP/2 stream in the private _stream.
-            _limit_reads(stream._stream, max_size)
-            await handler(stream)
-
-        event.method_func = limited
-
-
-def _limit_reads(h2_stream: Any, max_size: int) -> None:
-    recv_data: Callable[[int], Awaitable[bytes]] = h2_stream.recv_data
-    body_next = False  # reads alternate: prefix, body, prefix, ...
-
-    async def checked(size: int) -> bytes:
-        nonlocal body_next
-        if body_next:
-            body_next = False
-            if size > max_size:
-                raise too_large(size, max_size)
-            return await recv_data(size)
-        data = await recv_data(size)
-        # A whole prefix is followed by its body (none after end of stream).
-        body_next = size == PREFIX_SIZE and len(data) == PREFIX_SIZE
-        return data
-
-    h2_stream.recv_data = checked
 
 
 # --- connections ------------------------------------------------------------------------

@@ -26,15 +26,13 @@ from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.server import Server
 
-from .coalesce import CoalescingServer
 from .codec import NumberCodec
-from .fastpath import BatchedAccumulate
-from .fastpath import supported as fastpath_supported
-from .limits import DEFAULT_TLS_HANDSHAKE_TIMEOUT, Connections, Limits, MessageSizeLimit
+from .limits import DEFAULT_TLS_HANDSHAKE_TIMEOUT, Connections, Limits
 from .logs import log_stream_end
 from .metrics import Metrics, MetricsEndpoint
 from .reflection import with_reflection
 from .service import ACCUMULATE_NUMBERS, NumberService
+from .serving import grpclib_ext
 from .streams import Streams
 from .tls import TLSConfig
 from .worker import Worker
@@ -47,8 +45,9 @@ DEFAULT_GRACE = 10.0
 
 
 def create_server() -> Server:
-    """A grpclib Server with a fresh NumberService and the strict codec, not started."""
-    return CoalescingServer([NumberService()], codec=NumberCodec())
+    """A grpclib Server with a fresh NumberService and the strict codec, not started:
+    the serving layer's Server (batched streams, coalesced writes)."""
+    return grpclib_ext.make_server([NumberService()], codec=NumberCodec())
 
 
 @dataclass
@@ -81,21 +80,17 @@ class NumberServer:
     def build(cls, limits: Limits | None = None) -> NumberServer:
         """The server with ``limits`` (default: :class:`Limits`' defaults)."""
         limits = Limits() if limits is None else limits
-        batched = None
-        if fastpath_supported():  # grpclib's Buffer as fastpath.py knows it
-            batched = BatchedAccumulate(
-                idle_timeout=limits.stream_idle_timeout, max_message_size=limits.max_message_size
-            )
-        number = NumberService(stream_idle_timeout=limits.stream_idle_timeout, batched=batched)
+        number = NumberService()
         health = ServiceStatus()
         services = with_reflection([number, Health({number: [health]})])
-        server = CoalescingServer(services, codec=NumberCodec(), config=limits.grpclib_config())
+        server = grpclib_ext.make_server(
+            services,
+            codec=NumberCodec(),
+            config=limits.grpclib_config(),
+            limits=limits.stream_limits(),
+        )
         streams = Streams(server, services, drained=[ACCUMULATE_NUMBERS])
         streams.on_end.append(log_stream_end)
-        if batched is not None:
-            batched.count = streams.count
-            batched.replaces = streams.message_listeners()
-        MessageSizeLimit(server, limits.max_message_size)
         built = cls(
             server,
             streams,
@@ -113,23 +108,12 @@ class NumberServer:
         seconds or is disconnected: until then the connection cap and keepalive do
         not see the connection (asyncio makes the protocol only after the handshake).
         """
-        if ssl is None:
-            await self.server.start(sock=sock)
-        else:
-            # grpclib's Server.start has no ssl_handshake_timeout (asyncio's default is
-            # 60 s), so its three lines are repeated here with it; they set grpclib's
-            # private _server and _server_closed_fut, as Server.start does.
-            server = self.server
-            if server._server is not None:
-                raise RuntimeError("Server is already started")
-            loop = asyncio.get_running_loop()
-            server._server = await loop.create_server(
-                server._protocol_factory,
-                sock=sock,
-                ssl=ssl,
-                ssl_handshake_timeout=self.tls_handshake_timeout,
+        if isinstance(self.server, grpclib_ext.Server):
+            await self.server.start_on(
+                sock, ssl=ssl, ssl_handshake_timeout=self.tls_handshake_timeout
             )
-            server._server_closed_fut = loop.create_future()
+        else:  # plain grpclib: asyncio's 60 s handshake timeout
+            await self.server.start(sock=sock, ssl=ssl)
         self.health.set(True)
 
     async def shutdown(self, grace: float) -> None:
@@ -137,9 +121,9 @@ class NumberServer:
         ``grace`` seconds to finish; those left end with UNAVAILABLE."""
         self.health.set(False)
         # grpclib has no public way to stop listening alone; close() would also
-        # cancel every stream at once. Its asyncio server is in _server.
-        if self.server._server is not None:
-            self.server._server.close()
+        # cancel every stream at once (plain grpclib can do no better).
+        if isinstance(self.server, grpclib_ext.Server):
+            self.server.stop_listening()
         in_flight = self.streams.drained_in_flight
         log.info("draining: not listening; up to %g s for %d stream(s)", grace, in_flight)
         ended = await self.streams.drain(grace)

@@ -27,6 +27,8 @@ from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
+from .serving import grpclib_ext
+
 log = logging.getLogger(__name__)
 
 _SHUTDOWN = "number-service: grace period over"
@@ -132,8 +134,7 @@ class Streams:
         self.on_send = Listeners()
         self.on_end = Listeners()
         events.listen(server, events.RecvRequest, self._recv_request)
-        events.listen(server, events.RecvMessage, self._recv_message)
-        events.listen(server, events.SendMessage, self._send_message)
+        grpclib_ext.count_messages(server, self.count)
         events.listen(server, events.SendTrailingMetadata, self._send_trailers)
 
     def live(self) -> list[StreamRecord]:
@@ -168,16 +169,6 @@ class Streams:
         event.method_func = _watched(event.method_func, record)
         self.on_start.notify(record)
 
-    async def _recv_message(self, event: events.RecvMessage) -> None:
-        if record := self.current():
-            record.received += 1
-            self.on_receive.notify(record)
-
-    async def _send_message(self, event: events.SendMessage) -> None:
-        if record := self.current():
-            record.sent += 1
-            self.on_send.notify(record)
-
     async def _send_trailers(self, event: events.SendTrailingMetadata) -> None:
         if record := self.current():
             if record.cancelled and event.status is Status.UNKNOWN:
@@ -185,13 +176,9 @@ class Streams:
             record.status = event.status
             record.message = event.status_message
 
-    def message_listeners(self) -> tuple[Any, ...]:
-        """Its grpclib RecvMessage and SendMessage listeners, which :meth:`count` replaces."""
-        return (self._recv_message, self._send_message)
-
     def count(self, received: int, sent: int) -> None:
-        """Count messages of the current stream that grpclib's events do not see
-        (fastpath.py's batches): the same records and listener calls, one per message."""
+        """Count messages of the current stream, as the server reports them (in
+        batches): the records, and one listener call per message."""
         if record := self.current():
             if received:
                 record.received += received

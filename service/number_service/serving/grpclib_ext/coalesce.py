@@ -13,10 +13,7 @@ still calls ``pause_writing``/``resume_writing`` on the protocol.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
-
-from grpclib.protocol import H2Protocol
-from grpclib.server import Server
+from typing import Any
 
 
 class CoalescingTransport(asyncio.Transport):
@@ -68,20 +65,3 @@ class CoalescingTransport(asyncio.Transport):
 
     def is_reading(self) -> bool:
         return self._transport.is_reading()
-
-
-class _CoalescingProtocol(H2Protocol):
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream transport, though not always an asyncio.Transport subclass
-        # (uvloop's is not): only its methods are used.
-        super().connection_made(CoalescingTransport(cast(asyncio.Transport, transport)))
-
-
-class CoalescingServer(Server):
-    """grpclib's Server, with each connection's writes coalesced per loop turn."""
-
-    def _protocol_factory(self) -> H2Protocol:
-        # grpclib has no public hook for the connection protocol; this overrides
-        # the private factory that Server.start passes to loop.create_server.
-        plain = super()._protocol_factory()
-        return _CoalescingProtocol(plain.handler, plain.config, plain.h2_config)

@@ -1,8 +1,8 @@
-"""The batched AccumulateNumbers handler (fastpath.py) that NumberServer.build serves:
-requests that arrive together are answered together, in one DATA frame, and
-nothing else changes: order, lock-step answers, errors after the sums before them,
-message counts. Over a real server on loopback, with a raw HTTP/2 client that
-sees each DATA frame."""
+"""Batched streams (serving.grpclib_ext.BatchingStream), which every server the serving
+layer builds uses: requests that arrive together are handed to the handler together
+and its answers go out together, in one DATA frame, and nothing else changes: order,
+lock-step answers, errors after the sums before them, message counts. Over a real
+server on loopback, with a raw HTTP/2 client that sees each DATA frame."""
 
 from __future__ import annotations
 
@@ -11,21 +11,23 @@ import itertools
 import socket
 
 from grpclib import events
-from grpclib.const import Status
-from grpclib.testing import ChannelFor
+from grpclib.const import Cardinality, Handler, Status
+from grpclib.server import Server
+from grpclib.server import Stream as GrpclibStream
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import DataReceived
 from h2.settings import SettingCodes, Settings
 from rawh2 import H2Client, Reply, grpc_message
 
-from number_service.client import NumberClient
-from number_service.codec import decode_int32_field, encode_int32_field
-from number_service.fastpath import _BATCH, BatchedAccumulate, supported
+from number_service.codec import NumberCodec, decode_int32_field, encode_int32_field
 from number_service.pytest_plugin import RunningServer
 from number_service.server import NumberServer, address_of, bind
 from number_service.service import NumberService
+from number_service.serving.grpclib_ext import BATCH, mismatch
+from number_service.serving.grpclib_ext import Server as BatchingServer
 from number_service.streams import TRAILERS_WAIT, StreamRecord
+from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 TIMEOUT = 5.0
 INT32_MAX = 2**31 - 1
@@ -60,16 +62,16 @@ def ended_records(server: RunningServer) -> list[StreamRecord]:
     return ended
 
 
-def test_supported_by_this_grpclib() -> None:
-    """Else NumberServer.build silently serves the generated handler, and every test
-    here would be testing that instead."""
-    assert supported()
+def test_written_for_the_locked_grpclib_and_h2() -> None:
+    """Else the serving layer serves with plain grpclib streams, and every test here
+    would be testing that instead."""
+    assert mismatch() is None
 
 
 async def test_requests_in_one_data_frame_are_answered_in_one(
     number_server: RunningServer,
 ) -> None:
-    numbers = list(range(-50, _BATCH - 50))  # a whole batch, in one DATA frame
+    numbers = list(range(-50, BATCH - 50))  # a whole batch, in one DATA frame
     ended = ended_records(number_server)
     async with await H2Client.connect(number_server.port) as h2:
         reply, frames = await call_counting_frames(h2, framed(*numbers))
@@ -77,18 +79,18 @@ async def test_requests_in_one_data_frame_are_answered_in_one(
     assert sums(reply) == list(itertools.accumulate(numbers))
     assert frames == 1
     record = next(r for r in ended if r.method_name == "AccumulateNumbers")
-    assert (record.received, record.sent, record.status) == (_BATCH, _BATCH, Status.OK)
+    assert (record.received, record.sent, record.status) == (BATCH, BATCH, Status.OK)
 
 
 async def test_a_large_backlog_goes_out_in_several_batches_in_order(
     number_server: RunningServer,
 ) -> None:
-    numbers = [n * 7 - 3000 for n in range(3 * _BATCH + 10)]  # ~14 KiB: one DATA frame
+    numbers = [n * 7 - 3000 for n in range(3 * BATCH + 10)]  # ~14 KiB: one DATA frame
     async with await H2Client.connect(number_server.port) as h2:
         reply, frames = await call_counting_frames(h2, framed(*numbers))
     assert reply.grpc_status == Status.OK.value, reply
     assert sums(reply) == list(itertools.accumulate(numbers))
-    assert frames >= 4  # at most _BATCH answers per write: other streams get turns
+    assert frames >= 4  # at most BATCH answers per write: other streams get turns
 
 
 async def test_a_lock_step_client_gets_each_answer_before_it_sends_the_next(
@@ -147,32 +149,85 @@ async def test_compressed_request_mid_batch_is_unimplemented_after_the_sums(
     assert reply.grpc_status == Status.UNIMPLEMENTED.value
 
 
-async def test_without_number_codec_the_generated_handler_serves() -> None:
-    """A server built with another codec (here grpclib's default) gets the generated
-    handler, whose bytes its codec writes."""
-    service = NumberService(batched=BatchedAccumulate())
-    async with ChannelFor([service]) as channel:
-        client = NumberClient.over(channel)
-        got = [s async for s in client.accumulate([3, 4, -1], timeout=TIMEOUT)]
-    assert got == [3, 7, 6]
+async def test_the_handler_of_a_plain_grpclib_server_is_the_same_service() -> None:
+    """Server([NumberService()]), grpclib's own with betterproto2's codec, runs the
+    same handler, so it gives the same answers (one DATA frame each)."""
+    server = Server([NumberService()])
+    sock = bind("127.0.0.1", 0)
+    await server.start(sock=sock)
+    try:
+        async with await H2Client.connect(address_of(sock)[1]) as h2:
+            reply, frames = await call_counting_frames(h2, framed(3, 4, -1))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert sums(reply) == [3, 7, 6]
+    assert frames == 3
 
 
-async def test_a_grpclib_message_listener_gets_the_generated_handler(
+async def test_a_grpclib_message_listener_sees_every_message_of_a_batch(
     number_server: RunningServer,
 ) -> None:
-    """Listeners of grpclib's RecvMessage/SendMessage events see every message: the
-    batched handler, which sends none, steps aside for them."""
+    """Listeners of grpclib's RecvMessage/SendMessage events see each message, and the
+    answers still go out together."""
     seen: list[int] = []
+    answered: list[int] = []
 
-    async def record(event: events.RecvMessage) -> None:
+    async def received(event: events.RecvMessage) -> None:
         seen.append(event.message.num)
 
-    events.listen(number_server.server, events.RecvMessage, record)
+    async def sent(event: events.SendMessage) -> None:
+        answered.append(event.message.sum)
+
+    events.listen(number_server.server, events.RecvMessage, received)
+    events.listen(number_server.server, events.SendMessage, sent)
     async with await H2Client.connect(number_server.port) as h2:
         reply, frames = await call_counting_frames(h2, framed(1, 2, 3))
     assert sums(reply) == [1, 3, 6]
-    assert seen == [1, 2, 3]
-    assert frames == 3  # one per message: the generated handler
+    assert (seen, answered) == ([1, 2, 3], [1, 3, 6])
+    assert frames == 1
+
+
+class _SlowEcho:
+    """A bidi handler that answers each request, then does other work (a sleep) before
+    it takes the next: what it answered must not wait for that work."""
+
+    def __init__(self, pause: float) -> None:
+        self.pause = pause
+
+    async def echo(self, stream: GrpclibStream[NumberRequest, NumberResponse]) -> None:
+        async for request in stream:
+            await stream.send_message(NumberResponse(sum=request.num))
+            await asyncio.sleep(self.pause)
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            "/tutorial.NumberService/AccumulateNumbers": Handler(
+                self.echo, Cardinality.STREAM_STREAM, NumberRequest, NumberResponse
+            )
+        }
+
+
+async def test_answers_held_for_a_batch_go_out_when_the_handler_waits_on_other_work() -> None:
+    pause = 0.5
+    server = BatchingServer([_SlowEcho(pause)], codec=NumberCodec())
+    sock = bind("127.0.0.1", 0)
+    await server.start_on(sock)
+    loop = asyncio.get_running_loop()
+    try:
+        async with await H2Client.connect(address_of(sock)[1]) as h2:
+            stream_id = h2.open_stream()
+            reply = h2.replies[stream_id]
+            started = loop.time()
+            h2.send_data(stream_id, framed(7, 8, 9), end_stream=True)  # three at once
+            await h2.read_until(lambda: len(reply.messages) >= 1, TIMEOUT)
+            first = loop.time() - started
+            await h2.reply(stream_id, TIMEOUT)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert sums(reply) == [7, 8, 9]
+    assert first < pause, f"the first answer waited {first:.2f} s for the handler's work"
 
 
 REQUEST_HEADERS = [

@@ -1,0 +1,213 @@
+"""grpclib's server request handler, serving every stream with :class:`BatchingStream`.
+
+:func:`request_handler` is grpclib 0.4.9's ``grpclib.server.request_handler``
+(server.py:368-478) with three changes, each of which could go upstream as it is:
+
+- the stream is a :class:`~.stream.BatchingStream` (batched reads, coalesced writes,
+  per-stream limits);
+- a request whose deadline is already over when it is handled ends with
+  DEADLINE_EXCEEDED; grpclib raises inside ``DeadlineWrapper.start`` before its
+  wrapper is armed, so it logs "Timeout occurred" with a traceback and answers UNKNOWN;
+- request headers without ``:method`` or ``:path`` get RST_STREAM(PROTOCOL_ERROR), as
+  RFC 9113 section 8.3.1 asks of a malformed request, instead of a ``KeyError``
+  traceback and a stream left open.
+
+:class:`Handler` is grpclib's per-connection ``Handler`` running that function; grpclib
+has no hook for either (private: ``Handler._tasks``, the protocol Stream's
+``reset_nowait``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+from grpclib import const, protocol
+from grpclib import server as grpclib_server
+from grpclib.const import Status
+from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.events import _DispatchServerEvents
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.metadata import Deadline, decode_metadata
+from grpclib.utils import DeadlineWrapper, Wrapper
+from h2.errors import ErrorCodes
+
+from .stream import BatchingStream, Counter, StreamLimits
+
+log = logging.getLogger("grpclib.server")  # grpclib's own logger, as its handler's
+
+_Headers = list[tuple[str, str]]
+GRPC_CONTENT_TYPE = "application/grpc"
+
+
+async def request_handler(
+    mapping: dict[str, const.Handler],
+    h2_stream: protocol.Stream,
+    headers: _Headers,
+    codec: CodecBase,
+    status_details_codec: StatusDetailsCodecBase | None,
+    dispatch: _DispatchServerEvents,
+    release_stream: Callable[[], Any],
+    limits: StreamLimits,
+    counter: Counter | None,
+) -> None:
+    """Handle one request (see the module docstring for what differs from grpclib's)."""
+    try:
+        headers_map = dict(headers)
+        method = headers_map.get(":method")
+        method_name = headers_map.get(":path")
+        if method is None or method_name is None:
+            if h2_stream.closable:
+                h2_stream.reset_nowait(ErrorCodes.PROTOCOL_ERROR)
+            return
+        if method != "POST":
+            await grpclib_server._abort(h2_stream, 405)
+            return
+
+        content_type = headers_map.get("content-type")
+        if content_type is None:
+            await grpclib_server._abort(
+                h2_stream, 415, Status.UNKNOWN, "Missing content-type header"
+            )
+            return
+
+        base_content_type, _, sub_type = content_type.partition("+")
+        sub_type = sub_type or ProtoCodec.__content_subtype__
+        if base_content_type != GRPC_CONTENT_TYPE or sub_type != codec.__content_subtype__:
+            await grpclib_server._abort(
+                h2_stream, 415, Status.UNKNOWN, "Unacceptable content-type header"
+            )
+            return
+
+        if headers_map.get("te") != "trailers":
+            await grpclib_server._abort(
+                h2_stream, 400, Status.UNKNOWN, 'Required "te: trailers" header is missing'
+            )
+            return
+
+        handler = mapping.get(method_name)
+        if handler is None:
+            await grpclib_server._abort(h2_stream, 200, Status.UNIMPLEMENTED, "Method not found")
+            return
+
+        try:
+            deadline = Deadline.from_headers(headers)
+        except ValueError:
+            await grpclib_server._abort(
+                h2_stream, 200, Status.UNKNOWN, "Invalid grpc-timeout header"
+            )
+            return
+
+        metadata = decode_metadata(headers)
+        user_agent = headers_map.get("user-agent")
+
+        stream: BatchingStream[Any, Any] = BatchingStream(
+            h2_stream,
+            method_name,
+            handler.cardinality,
+            handler.request_type,
+            handler.reply_type,
+            codec=codec,
+            status_details_codec=status_details_codec,
+            dispatch=dispatch,
+            deadline=deadline,
+            user_agent=user_agent,
+            limits=limits,
+            counter=counter,
+        )
+        async with stream:
+            wrapper: Wrapper
+            if deadline is None:
+                wrapper = h2_stream.wrapper = Wrapper()
+                deadline_wrapper: Any = nullcontext()
+            else:
+                wrapper = h2_stream.wrapper = DeadlineWrapper()
+                deadline_wrapper = None  # armed below, once the deadline is known not over
+            try:
+                stream.metadata, method_func = await dispatch.recv_request(
+                    metadata,
+                    handler.func,
+                    method_name=method_name,
+                    deadline=deadline,
+                    content_type=content_type,
+                    user_agent=user_agent,
+                    peer=stream.peer,
+                )
+                if deadline is not None:
+                    if not deadline.time_remaining():
+                        raise GRPCError(Status.DEADLINE_EXCEEDED, "Deadline exceeded")
+                    assert isinstance(wrapper, DeadlineWrapper)
+                    deadline_wrapper = wrapper.start(deadline)
+                with deadline_wrapper, wrapper:
+                    try:
+                        await method_func(stream)
+                    finally:
+                        stream.finish()
+            except GRPCError:
+                raise
+            except TimeoutError:
+                if wrapper.cancel_failed:
+                    log.exception("Failed to handle cancellation")
+                    raise GRPCError(Status.DEADLINE_EXCEEDED) from None
+                elif wrapper.cancelled:
+                    log.info("Deadline exceeded")
+                    raise GRPCError(Status.DEADLINE_EXCEEDED) from None
+                else:
+                    log.exception("Timeout occurred")
+                    raise
+            except StreamTerminatedError as err:
+                if wrapper.cancel_failed:
+                    log.exception("Failed to handle cancellation")
+                    raise
+                else:
+                    assert wrapper.cancelled
+                    log.info("Request was cancelled: %s", err)
+                    raise
+            except Exception:
+                log.exception("Application error")
+                raise
+    except ProtocolError:
+        log.exception("Application error")
+    except Exception:
+        log.exception("Server error")
+    finally:
+        release_stream()
+
+
+class Handler(grpclib_server.Handler):
+    """grpclib's per-connection Handler, running :func:`request_handler` for each stream."""
+
+    def __init__(
+        self,
+        *args: Any,
+        limits: StreamLimits,
+        counter: Counter | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.counter = counter
+
+    def accept(
+        self,
+        stream: protocol.Stream,
+        headers: _Headers,
+        release_stream: Callable[[], Any],
+    ) -> None:
+        self.__gc_step__()
+        self._tasks[stream] = self.loop.create_task(
+            request_handler(
+                self.mapping,
+                stream,
+                headers,
+                self.codec,
+                self.status_details_codec,
+                self.dispatch,
+                release_stream,
+                self.limits,
+                self.counter,
+            )
+        )
