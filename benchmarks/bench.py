@@ -13,9 +13,12 @@ Modes (``--modes``, all by default):
 - idle: ``--idle-streams`` streams opened and left open: server RSS per open stream.
 
 Servers run as subprocesses: ``python -m number_service serve`` (the real CLI) and
-``python -m benchmarks.grpcio_server``. Each round runs every mode against every
-server (the order alternating), and the table shows medians over the rounds and
-the ratio ours / grpc.aio. Every sum is checked; a wrong one fails the run (exit 1).
+``python -m benchmarks.grpcio_server``; ``compare --against REV`` (repeatable) adds the
+server of git revision REV of this repository, checked out and built in the cache
+(see benchmarks/revision.py). Each round runs every mode against every server (the
+order rotating from round to round), and the table shows medians over the rounds, the
+ratio of each server to grpc.aio and of ours to each REV. Every sum is checked; a
+wrong one fails the run (exit 1).
 
 The load client: ``benchmarks/loadgen`` (Go, grpc-go from Debian's
 golang-google-grpc-dev, built on first use into ``--cache``) when ``go`` is there,
@@ -46,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.revision import Revision, RevisionError, clean_env, prepare
 from number_service import NumberClient
 
 HOST = "127.0.0.1"
@@ -74,19 +78,28 @@ def progress(text: str) -> None:
 # --- servers ----------------------------------------------------------------------------
 
 
+def server_argv(argv: list[str], profile: Path | None = None, workers: int = 1) -> list[str]:
+    """A number_service ``serve`` command line with ``--workers`` and/or under cProfile."""
+    if workers != 1:
+        argv = [*argv, "--workers", str(workers)]
+    if profile is not None:  # python -m cProfile -o FILE -m module ...
+        argv = [argv[0], "-m", "cProfile", "-o", str(profile), *argv[1:]]
+    return argv
+
+
 class ServerProcess:
     """A server subprocess on 127.0.0.1 and a free port; its stderr kept for errors."""
 
-    def __init__(self, name: str, profile: Path | None = None, workers: int = 1) -> None:
+    def __init__(
+        self, name: str, argv: list[str], cwd: Path = ROOT, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
-        argv = SERVERS[name]
-        if name == "ours" and workers != 1:
-            argv = [*argv, "--workers", str(workers)]
-        if profile is not None:  # python -m cProfile -o FILE -m module ...
-            argv = [argv[0], "-m", "cProfile", "-o", str(profile), *argv[1:]]
+        self.argv = [*argv, "--host", HOST, "--port", "0"]
+        self.cwd = cwd
         self.proc = subprocess.Popen(
-            [*argv, "--host", HOST, "--port", "0"],
-            cwd=ROOT,
+            self.argv,
+            cwd=cwd,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -225,9 +238,9 @@ def go_run(binary: Path, server: ServerProcess, mode: str, load: Load) -> dict[s
     try:
         result: dict[str, Any] = json.loads(done.stdout)
     except ValueError:
-        raise BenchError(f"loadgen {mode}: {done.stderr.strip() or done.stdout}") from None
+        raise BenchError(f"loadgen: {done.stderr.strip() or done.stdout}") from None
     if done.returncode != 0 or result.get("error"):
-        raise BenchError(f"loadgen {mode} on {server.name}: {result.get('error') or done.stderr}")
+        raise BenchError(f"loadgen: {result.get('error') or done.stderr}")
     return result
 
 
@@ -427,12 +440,15 @@ class Bench:
 
     def one(self, server: ServerProcess, mode: str) -> dict[str, Any]:
         server.alive()
-        if mode == "idle":
-            result = asyncio.run(idle_run(server, self.load))
-        elif self.loadgen is not None:
-            result = go_run(self.loadgen, server, mode, self.load)
-        else:
-            result = asyncio.run(PythonLoad(server, self.load).run(mode))
+        try:
+            if mode == "idle":
+                result = asyncio.run(idle_run(server, self.load))
+            elif self.loadgen is not None:
+                result = go_run(self.loadgen, server, mode, self.load)
+            else:
+                result = asyncio.run(PythonLoad(server, self.load).run(mode))
+        except BenchError as err:  # which server gave the wrong sum
+            raise BenchError(f"{mode} on {server.name}: {err}") from None
         server.alive()
         result["server"] = server.name
         if mode != "idle":
@@ -445,7 +461,7 @@ class Bench:
     def run(self, started: dict[str, ServerProcess]) -> None:
         throughput = [m for m in self.modes if m in THROUGHPUT]
         for rnd in range(1, self.rounds + 1):
-            order = self.servers if rnd % 2 else self.servers[::-1]
+            order = rotation(self.servers, rnd)
             for mode in throughput:
                 for name in order:
                     result = self.one(started[name], mode)
@@ -491,10 +507,34 @@ class Bench:
                         ]
                         row[f"{name} server cores"] = statistics.median(c[0] for c in cores)
                         row[f"{name} client cores"] = statistics.median(c[1] for c in cores)
-                if len(self.servers) == 2 and row[self.servers[1]]:
-                    row["ratio"] = row[self.servers[0]] / row[self.servers[1]]
+                ratios = {
+                    ratio_head(top, bottom): row[top] / row[bottom]
+                    for top, bottom in ratio_pairs(self.servers)
+                    if row[bottom]
+                }
+                if ratios:
+                    row["ratios"] = ratios
+                    row["ratio"] = next(iter(ratios.values()))  # ours / grpc.aio, as before
                 rows.append(row)
         return rows
+
+
+def rotation(servers: list[str], rnd: int) -> list[str]:
+    """Round ``rnd``'s order: each server goes first, second ... equally often."""
+    k = (rnd - 1) % len(servers)
+    return servers[k:] + servers[:k]
+
+
+def ratio_pairs(servers: list[str]) -> list[tuple[str, str]]:
+    """The ratios shown: every server / grpc.aio, then ours / every revision."""
+    pairs = [(name, "grpc.aio") for name in servers if name != "grpc.aio" and "grpc.aio" in servers]
+    if "ours" in servers:
+        pairs += [("ours", name) for name in servers if name not in ("ours", "grpc.aio")]
+    return pairs
+
+
+def ratio_head(top: str, bottom: str) -> str:
+    return f"{top} / {bottom}"
 
 
 def describe(r: dict[str, Any]) -> str:
@@ -513,9 +553,8 @@ def describe(r: dict[str, Any]) -> str:
 
 
 def table(rows: list[dict[str, Any]], servers: list[str]) -> str:
-    head = ["mode", "metric", *servers]
-    if len(servers) == 2:
-        head.append(f"{servers[0]} / {servers[1]}")
+    ratios = [ratio_head(*pair) for pair in ratio_pairs(servers)]
+    head = ["mode", "metric", *servers, *ratios]
     head += [f"{name} srv/cli cores" for name in servers]
     lines = [head]
     for row in rows:
@@ -523,8 +562,7 @@ def table(rows: list[dict[str, Any]], servers: list[str]) -> str:
         cells += [
             f"{row[name]:,.1f}" if row[name] < 100 else f"{row[name]:,.0f}" for name in servers
         ]
-        if len(servers) == 2:
-            cells.append(f"{row['ratio']:.2f}x" if "ratio" in row else "-")
+        cells += [f"{row['ratios'][h]:.2f}x" if h in row.get("ratios", {}) else "-" for h in ratios]
         for name in servers:
             key = f"{name} server cores"
             cells.append(f"{row[key]:.2f}/{row[f'{name} client cores']:.2f}" if key in row else "")
@@ -580,7 +618,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
         / "number-service-bench",
-        help="where the Go client is built",
+        help="where the Go client is built and --against revisions are checked out",
+    )
+    parser.add_argument(
+        "--against",
+        action="append",
+        default=[],
+        metavar="REV",
+        help="compare: also the server of git revision REV (repeatable), built in --cache",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument(
@@ -592,12 +637,37 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if bad := [m for m in args.modes if m not in MODES]:
         parser.error(f"unknown mode(s) {bad}; choose from {', '.join(MODES)}")
+    if args.against and args.command != "compare":
+        parser.error("--against is for compare")
     return args
+
+
+def revisions(revs: list[str], cache: Path) -> list[Revision]:
+    """Each ``--against`` revision checked out and built (once per commit)."""
+    prepared: list[Revision] = []
+    for rev in revs:
+        progress(f"bench: preparing {rev} (a worktree and venv in {cache}) ...")
+        revision = prepare(rev, cache)
+        if any(p.sha == revision.sha for p in prepared):
+            raise RevisionError(f"--against {rev}: the same commit as another --against")
+        progress(
+            f"bench: {revision.label}: {revision.prepared}; {revision.worktree}, "
+            f"Python {revision.python_version}"
+        )
+        prepared.append(revision)
+    return prepared
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    servers = list(SERVERS) if args.command == "compare" else [args.server]
+    try:
+        against = revisions(args.against, args.cache.resolve())
+    except RevisionError as err:
+        progress(f"bench: {err}")
+        return 2
+    servers = ["ours", *(r.label for r in against), "grpc.aio"]
+    if args.command != "compare":
+        servers = [args.server]
     loadgen, client = None, "python (grpclib NumberClient, in the bench process)"
     if args.client != "python" and any(m in THROUGHPUT for m in args.modes):
         loadgen, why = build_loadgen(args.cache)
@@ -612,15 +682,23 @@ def main(argv: list[str] | None = None) -> int:
     progress(
         f"bench: servers {', '.join(servers)}; modes {', '.join(args.modes)}; "
         f"{args.rounds} round(s) of {args.warmup:g}+{args.seconds:g} s; client: {client}"
-        + (f"; ours with --workers {args.workers}" if args.workers != 1 else "")
+        + (f"; ours (and revisions) with --workers {args.workers}" if args.workers != 1 else "")
     )
     started: dict[str, ServerProcess] = {}
     ok = False
     error = ""
     try:
+        env = clean_env()
         for name in servers:
-            profile = args.profile if name == "ours" else None
-            started[name] = ServerProcess(name, profile, workers=args.workers)
+            if name in SERVERS:
+                workers = args.workers if name == "ours" else 1
+                profile = args.profile if name == "ours" else None
+                argv = server_argv(SERVERS[name], profile, workers)
+                started[name] = ServerProcess(name, argv)
+            else:  # a revision: the same flags as ours but the profile, in its worktree
+                rev = next(r for r in against if r.label == name)
+                argv = server_argv(rev.argv(), workers=args.workers)
+                started[name] = ServerProcess(name, argv, rev.worktree, env)
         bench.run(started)
         ok = True
     except (BenchError, OSError, TimeoutError, subprocess.TimeoutExpired) as err:
@@ -648,6 +726,11 @@ def main(argv: list[str] | None = None) -> int:
                     "machine": machine(),
                     "client": client,
                     "servers": servers,
+                    "revisions": [r.as_json() for r in against],
+                    "commands": {
+                        name: {"argv": server.argv, "cwd": str(server.cwd)}
+                        for name, server in started.items()
+                    },
                     "ours_workers": args.workers,
                     "load": vars(load),
                     "summary": rows,

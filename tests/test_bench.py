@@ -2,7 +2,8 @@
 
 Benchmarks are not timed tests: nothing here compares speeds. The Go client is
 exercised when ``go`` and grpc-go (Debian's golang-google-grpc-dev) are installed,
-the Python fallback always.
+the Python fallback always. ``--against HEAD`` checks out and builds this commit's
+server for real (its runtime venv: ~10 s with pip's cache warm).
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ def bench(*args: str, cache: Path | None) -> tuple[int, dict[str, Any], str]:
     return done.returncode, json.loads(done.stdout), done.stderr
 
 
-def check_compare(report: dict[str, Any], client: str) -> None:
+def check_compare(
+    report: dict[str, Any], client: str, servers: tuple[str, ...] = ("ours", "grpc.aio")
+) -> None:
     assert report["ok"], report["error"]
     assert report["client"].startswith(client)
-    assert report["servers"] == ["ours", "grpc.aio"]
+    assert report["servers"] == list(servers)
     rows = {(row["mode"], row["metric"]): row for row in report["summary"]}
     assert set(rows) == {
         ("pingpong", "msg/s"),
@@ -54,9 +57,9 @@ def check_compare(report: dict[str, Any], client: str) -> None:
         ("idle", "KiB/stream"),
     }
     for row in rows.values():
-        assert row["ours"] > 0
-        assert row["grpc.aio"] > 0
-        assert row["ratio"] > 0
+        for server in servers:
+            assert row[server] > 0
+        assert row["ratio"] == row["ours"] / row["grpc.aio"]
     for run in report["runs"]:
         if run["mode"] == "idle":
             assert run["verified"] == 2 * run["streams"] == 100
@@ -66,7 +69,7 @@ def check_compare(report: dict[str, Any], client: str) -> None:
     assert {(r["mode"], r["server"]) for r in report["runs"]} == {
         (mode, server)
         for mode in ("pingpong", "stream", "concurrent", "idle")
-        for server in ("ours", "grpc.aio")
+        for server in servers
     }
 
 
@@ -101,3 +104,118 @@ def test_a_wrong_sum_fails_the_run(
     assert code == 1
     assert not report["ok"]
     assert "wrong sum after 1 numbers" in report["error"]
+
+
+def git(*args: str, cwd: Path = ROOT) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+class WrongSumsFromRevisions(bench_module.PythonLoad):
+    """Right sums expected from ours and grpc.aio, wrong ones from a --against server."""
+
+    def expected(self, i: int) -> int:
+        wrong = self.server.name not in bench_module.SERVERS
+        return bench_module.number(i) + wrong
+
+
+def test_compare_against_a_revision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    sha, short = git("rev-parse", "HEAD"), git("rev-parse", "--short", "HEAD")
+    label = f"HEAD ({short})"
+    worktree = tmp_path / f"rev-{sha}"
+    against = ["compare", "--client", "python", "--against", "HEAD", *TINY]
+    against += ["--cache", str(tmp_path)]
+    try:
+        code = bench_module.main(against)
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        report = json.loads(out)
+        check_compare(report, "python", ("ours", label, "grpc.aio"))
+        (revision,) = report["revisions"]
+        assert revision["sha"] == sha
+        assert revision["label"] == label
+        assert revision["prepared"].startswith("checked out")
+        assert Path(revision["worktree"]) == worktree.resolve()
+        assert git("rev-parse", "HEAD", cwd=worktree) == sha
+        assert Path(revision["python"]).is_relative_to(worktree.resolve())
+        assert Path(revision["module"]).is_relative_to(worktree.resolve())  # its code, not ours
+        assert report["commands"][label]["argv"][0] == revision["python"]  # its server
+        assert report["commands"][label]["cwd"] == revision["worktree"]
+        assert report["commands"]["ours"]["cwd"] == str(ROOT)
+        for row in report["summary"]:
+            assert set(row["ratios"]) == {
+                "ours / grpc.aio",
+                f"{label} / grpc.aio",
+                f"ours / {label}",
+            }
+            assert row["ratios"][f"ours / {label}"] == row["ours"] / row[label]
+        assert {r["round"]: r["server"] for r in report["runs"] if r["mode"] == "pingpong"} == {
+            1: "grpc.aio"  # one round: ours first, grpc.aio last
+        }
+
+        # Again: the worktree and its venv are reused, and a wrong sum from the
+        # revision's server fails the run after ours has passed.
+        monkeypatch.setattr(bench_module, "PythonLoad", WrongSumsFromRevisions)
+        code = bench_module.main([*against, "--modes", "stream"])
+        report = json.loads(capsys.readouterr().out)
+        assert code == 1
+        assert not report["ok"]
+        assert f"stream on {label}: wrong sum after 1 numbers" in report["error"]
+        assert [r["server"] for r in report["runs"]] == ["ours"]
+        assert report["revisions"][0]["prepared"].startswith("worktree reused")
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT)
+
+
+def test_an_unknown_revision_fails_before_any_server_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = bench_module.main(["compare", "--against", "no-such-rev", "--cache", str(tmp_path)])
+    assert code == 2
+    assert "--against no-such-rev: no such commit" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_rounds_rotate_the_order_of_the_servers() -> None:
+    servers = ["ours", "main (84aad37)", "grpc.aio"]
+    orders = [bench_module.rotation(servers, rnd) for rnd in range(1, 7)]
+    for position in range(3):  # each server in each position twice in six rounds
+        assert sorted(order[position] for order in orders) == sorted(servers * 2)
+    assert bench_module.rotation(["ours", "grpc.aio"], 2) == ["grpc.aio", "ours"]
+
+
+def test_the_table_shows_every_ratio() -> None:
+    servers = ["ours", "main (84aad37)", "grpc.aio"]
+    load = bench_module.Load(1, 0, 1, 1, 1, 1)
+    bench = bench_module.Bench(servers, ["stream"], 2, load, None, "python")
+    for rnd, figures in ((1, (300.0, 100.0, 50.0)), (2, (500.0, 200.0, 150.0))):
+        for server, msgs in zip(servers, figures, strict=True):
+            cores = {"server_cores": 1.0, "client_cores": 0.5}
+            bench.runs.append(
+                {"mode": "stream", "server": server, "round": rnd, "msg_per_s": msgs, **cores}
+            )
+    (row,) = bench.summary()  # medians: ours 400, main 150, grpc.aio 100
+    assert row["ratios"] == {
+        "ours / grpc.aio": 4.0,
+        "main (84aad37) / grpc.aio": 1.5,
+        "ours / main (84aad37)": 400 / 150,
+    }
+    head, _, line = bench_module.table([row], servers).splitlines()
+    assert [c.strip() for c in head.strip("|").split("|")][2:8] == [
+        *servers,
+        "ours / grpc.aio",
+        "main (84aad37) / grpc.aio",
+        "ours / main (84aad37)",
+    ]
+    assert [c.strip() for c in line.strip("|").split("|")][2:9] == [
+        "400",
+        "150",
+        "100",
+        "4.00x",
+        "1.50x",
+        "2.67x",
+        "1.00/0.50",
+    ]
