@@ -65,28 +65,27 @@ async def test_a_failing_listener_neither_fails_the_call_nor_floods_the_log(
         raise RuntimeError("consumer bug")
 
     streams = number_server.instance.streams
-    for listeners in (streams.on_start, streams.on_receive, streams.on_send, streams.on_end):
+    for listeners in (streams.on_start, streams.on_messages, streams.on_end):
         listeners.insert(0, broken)  # before the others: they must still run
     streams.on_end.append(calls.append)
     caplog.set_level(logging.ERROR, logger="number_service.streams")
     async with NumberClient(number_server.host, number_server.port, timeout=TIMEOUT) as client:
         for _ in range(3):
-            assert await sums(client, [1, 2, 3, 4]) == [1, 3, 6, 10]
+            # Lock-step: each answer is a batch of its own, so on_messages runs 4 times.
+            async with client.session() as session:
+                assert [await session.add(n) for n in (1, 2, 3, 4)] == [1, 3, 6, 10]
         async with asyncio.timeout(TIMEOUT):
             await eventually(lambda: len(calls) == 3)
     assert [record.received for record in calls] == [4, 4, 4]
-    # Once per list, with its traceback; the 10th failure of on_receive is one line more.
+    # Once per list, with its traceback; the 10th failure of on_messages is one line more.
     errors = [r for r in caplog.records if r.name == "number_service.streams"]
     first = [r for r in errors if r.exc_info is not None]
-    assert len(first) == 4, [r.getMessage() for r in errors]
+    assert len(first) == 3, [r.getMessage() for r in errors]
     assert all("broken" in r.getMessage() and "failed" in r.getMessage() for r in errors)
     later = [r.getMessage() for r in errors if r.exc_info is None]
-    assert (
-        later
-        == [
-            "stream listener test_a_failing_listener_neither_fails_the_call_nor_floods_the_log"
-            ".<locals>.broken has failed 10 times"
-        ]
-        * 2
-    ), later  # on_receive and on_send: 12 messages each way
-    assert streams.on_receive.failures[broken] == 12
+    # on_messages: 12 answers, each reported on its own; the 10th failure is one line.
+    assert later == [
+        "stream listener test_a_failing_listener_neither_fails_the_call_nor_floods_the_log"
+        ".<locals>.broken has failed 10 times"
+    ], later
+    assert streams.on_messages.failures[broken] == 12

@@ -42,7 +42,9 @@ class Accumulator:
 
     def add(self, num: int) -> int:
         """Add ``num`` and return the new sum; on overflow raise and keep the old sum."""
-        total = self.total + check_int32(num, "num")
+        if type(num) is not int or not INT32_MIN <= num <= INT32_MAX:  # the common case, fast
+            check_int32(num, "num")  # raises, saying why
+        total = self.total + num
         if not INT32_MIN <= total <= INT32_MAX:
             raise SumOutOfRangeError(self.total, num)
         self.total = total

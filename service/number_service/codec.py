@@ -30,7 +30,7 @@ from grpclib.encoding.proto import ProtoCodec
 
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
-from .accumulator import check_int32
+from .accumulator import INT32_MAX, INT32_MIN, check_int32
 
 MAX_GROUP_DEPTH = 100  # upb's default recursion limit
 PREFIX_SIZE = 5  # before each message on the wire: a compressed flag and a 4-byte length
@@ -58,8 +58,34 @@ def _varint(data: bytes | bytearray, pos: int, max_bytes: int) -> tuple[int, int
     raise DecodeError(f"varint longer than {max_bytes} bytes")
 
 
+# A negative int32 goes on the wire sign-extended to 64 bits: its 10-byte varint ends so.
+_NEGATIVE_TAIL = b"\xff\xff\xff\xff\x01"
+
+
 def decode_int32_field(data: bytes | bytearray) -> int:
     """The int32 in field 1 of a message whose only known field it is (0 if absent)."""
+    # Fast paths for what every encoder writes, the field alone: 1 or 2 varint bytes
+    # (0 to 16383), or a negative int32 (10 bytes). Property-tested equal to the rest.
+    size = len(data)
+    if size == 2:
+        if data[0] == 8 and data[1] < 0x80:
+            return data[1]
+    elif size == 3:
+        if data[0] == 8 and data[1] >= 0x80 and data[2] < 0x80:
+            return (data[1] & 0x7F) | data[2] << 7
+    elif size == 11 and data[0] == 8 and data[6:] == _NEGATIVE_TAIL and min(data[1:6]) >= 0x80:
+        value = (
+            (data[1] & 0x7F)
+            | (data[2] & 0x7F) << 7
+            | (data[3] & 0x7F) << 14
+            | (data[4] & 0x7F) << 21
+            | (data[5] & 0x7F) << 28
+        ) & 0xFFFFFFFF
+        return value - (1 << 32) if value & 0x80000000 else value
+    return _decode_int32_field(data)
+
+
+def _decode_int32_field(data: bytes | bytearray) -> int:
     value = 0
     pos = 0
     end = len(data)
@@ -101,10 +127,24 @@ def decode_int32_field(data: bytes | bytearray) -> int:
 
 def encode_int32_field(value: int) -> bytes:
     """Field 1 as an int32 varint; empty for 0 (proto3 leaves defaults out)."""
-    check_int32(value)
+    if type(value) is not int or not INT32_MIN <= value <= INT32_MAX:
+        check_int32(value)  # raises, saying why
+    if 0 < value < 0x80:
+        return bytes((8, value))
+    if value < 0:  # sign-extended to 64 bits: 5 bytes of the low 32, then a fixed tail
+        low = value & 0xFFFFFFFF
+        head = (
+            8,
+            (low & 0x7F) | 0x80,
+            (low >> 7 & 0x7F) | 0x80,
+            (low >> 14 & 0x7F) | 0x80,
+            (low >> 21 & 0x7F) | 0x80,
+            low >> 28 | 0xF0,
+        )
+        return bytes(head) + _NEGATIVE_TAIL
     if value == 0:
         return b""
-    rest = value & _U64  # negative int32 goes on the wire sign-extended: 10 bytes
+    rest = value
     out = bytearray(b"\x08")
     while rest > 0x7F:
         out.append((rest & 0x7F) | 0x80)

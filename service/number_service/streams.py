@@ -52,6 +52,8 @@ class StreamRecord:
     started: float = field(default_factory=time.monotonic)
     received: int = 0
     sent: int = 0
+    received_now: int = 0  # of ``received``, those counted by the latest on_messages call
+    sent_now: int = 0
     status: Status | None = None
     message: str | None = None
     ended: float | None = None
@@ -130,8 +132,9 @@ class Streams:
         self._hurry = asyncio.Event()
         self.draining = False
         self.on_start = Listeners()
-        self.on_receive = Listeners()  # per message: keep them cheap
-        self.on_send = Listeners()
+        # Each time messages are counted (once per batch the server reports): the
+        # record's received_now/sent_now say how many since the last call.
+        self.on_messages = Listeners()
         self.on_end = Listeners()
         events.listen(server, events.RecvRequest, self._recv_request)
         grpclib_ext.count_messages(server, self.count)
@@ -178,16 +181,13 @@ class Streams:
 
     def count(self, received: int, sent: int) -> None:
         """Count messages of the current stream, as the server reports them (in
-        batches): the records, and one listener call per message."""
+        batches): the record, and one ``on_messages`` call per report."""
         if record := self.current():
-            if received:
-                record.received += received
-                for _ in range(received):
-                    self.on_receive.notify(record)
-            if sent:
-                record.sent += sent
-                for _ in range(sent):
-                    self.on_send.notify(record)
+            record.received += received
+            record.sent += sent
+            record.received_now = received
+            record.sent_now = sent
+            self.on_messages.notify(record)
 
     def current(self) -> StreamRecord | None:
         """The record of the stream whose handler task is running now, if any."""
