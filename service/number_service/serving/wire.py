@@ -299,9 +299,12 @@ def _scan(data: bytes, pos: int, end: int, table: _Table, depth: int) -> bool:
     seen: dict[int | str, int] | None = {} if table.stateful else None
     while pos < end:
         byte = data[pos]
-        if byte < 0x80:
+        if byte < 0x80:  # field numbers up to 15
             tag = byte
             pos += 1
+        elif pos + 1 < end and data[pos + 1] < 0x80:  # up to 2047
+            tag = (byte & 0x7F) | data[pos + 1] << 7
+            pos += 2
         else:
             tag, pos = _tag(data, pos, end)
         slot = slots.get(tag)
@@ -374,6 +377,9 @@ def _scan_packed(data: bytes, pos: int, stop: int, slot: _Slot) -> bool:
         return True
     plain = True
     while pos < stop:
+        if data[pos] < 0x80:  # one byte: the common case, and never misread
+            pos += 1
+            continue
         value, pos = _varint(data, pos, stop, 10, f"packed {slot.label}")
         if kind == PACKED_BOOL:
             plain = plain and _bool_plain(value)
