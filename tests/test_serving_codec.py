@@ -30,7 +30,7 @@ def decoded(codec: Any, data: bytes, message_type: type) -> Any:
         return "rejected"
 
 
-@settings(max_examples=1000)
+@settings(max_examples=500)
 @given(st.one_of(wire_messages(), st.binary(max_size=24)), st.sampled_from(NUMBER_TYPES))
 @example(b"\x0b\x08\x05\x0c\x08\x02", NumberRequest)  # a group, then the field
 @example(b"\x0a\x01\x05", NumberResponse)  # field 1 length-delimited: unknown
