@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import ModuleType
 
 import pytest
-from grpcio_peer import Grpcio, generate
+from grpcio_peer import Grpcio, generate, protobuf_module
 from hypothesis import settings
 
 # CI must be reproducible: the same examples every run, no example database.
@@ -26,3 +27,13 @@ def grpcio_gen(tmp_path_factory: pytest.TempPathFactory) -> Grpcio:
 def pb2(grpcio_gen: Grpcio) -> ModuleType:
     """Google's protobuf classes for proto/tutorial/number.proto: the reference codec."""
     return grpcio_gen.pb2
+
+
+@pytest.fixture(scope="session")
+def fieldkinds_pb2(tmp_path_factory: pytest.TempPathFactory) -> ModuleType:
+    """Google's classes for tests/proto/fieldkinds/fieldkinds.proto: the wire reference."""
+    return protobuf_module(
+        tmp_path_factory.mktemp("fieldkinds_pb2"),
+        Path(__file__).resolve().parent / "proto",
+        "fieldkinds/fieldkinds.proto",
+    )

@@ -1,7 +1,8 @@
 """grpcio code for proto/tutorial/number.proto, generated for a test run only.
 
 grpcio (Google's gRPC for Python) is the foreign peer of our interop tests and
-protobuf's parser the reference for our codec; nothing generated here is kept.
+protobuf's parser the reference for our codecs (and, through :func:`protobuf_module`,
+for the test-only tests/proto/); nothing generated here is kept.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from types import ModuleType
 
@@ -45,6 +47,24 @@ def _importing_from(path: Path, package: str) -> Iterator[None]:
         for name in loaded():
             del sys.modules[name]
         sys.modules.update(saved)
+
+
+def protobuf_module(out: Path, proto_root: Path, proto_file: str) -> ModuleType:
+    """Google's protobuf classes for one .proto (protoc --python_out into ``out``)."""
+    well_known = resources.files("grpc_tools") / "_proto"  # google/protobuf/*.proto
+    status = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"--proto_path={proto_root}",
+            f"--proto_path={well_known}",
+            f"--python_out={out}",
+            str(proto_root / proto_file),
+        ]
+    )
+    assert status == 0, f"grpc_tools.protoc failed with {status}"
+    module = proto_file.removesuffix(".proto").replace("/", ".") + "_pb2"
+    with _importing_from(out, package=module.split(".")[0]):
+        return importlib.import_module(module)
 
 
 def generate(out: Path) -> Grpcio:

@@ -8,6 +8,7 @@ import pytest
 from google.protobuf.message import DecodeError as PbDecodeError
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from wirebytes import wire_messages
 
 from number_service import INT32_MAX, INT32_MIN
 from number_service.codec import (
@@ -19,38 +20,6 @@ from number_service.codec import (
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 int32s = st.integers(INT32_MIN, INT32_MAX)
-
-
-def varint(value: int) -> bytes:
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-@st.composite
-def wire_messages(draw: st.DrawFn) -> bytes:
-    """Byte strings shaped like protobuf: mostly well-formed fields, sometimes not."""
-    parts = []
-    for _ in range(draw(st.integers(0, 8))):
-        field = draw(st.sampled_from([0, 1, 1, 1, 2, 15, 16, 2**29 - 1, 2**29]))
-        wire_type = draw(st.sampled_from([0, 0, 1, 2, 2, 3, 3, 4, 4, 5, 6, 7]))
-        parts.append(varint((field << 3) | wire_type))
-        if wire_type == 0:
-            parts.append(varint(draw(st.integers(-(2**63), 2**64 - 1))))
-        elif wire_type == 1:
-            parts.append(draw(st.binary(min_size=8, max_size=8)))
-        elif wire_type == 2:
-            body = draw(st.binary(max_size=8))
-            parts.append(varint(len(body) + draw(st.sampled_from([0, 0, 0, 1, -1]))) + body)
-        elif wire_type == 5:
-            parts.append(draw(st.binary(min_size=4, max_size=4)))
-    data = b"".join(parts)
-    cut = draw(st.sampled_from([None, None, None, 1, 2, 3]))
-    return data[:-cut] if cut and cut <= len(data) else data
 
 
 def reference(pb2: ModuleType, data: bytes) -> int | None:

@@ -1,4 +1,5 @@
-"""gen/ is exactly what tools/codegen.py makes from proto/; drift is caught."""
+"""gen/ and tests/gen/ are exactly what tools/codegen.py makes from proto/ and
+tests/proto/; drift in either is caught."""
 
 from __future__ import annotations
 
@@ -24,14 +25,34 @@ def test_gen_matches_proto() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_drift_is_detected(tmp_path: Path) -> None:
-    for part in ("proto", "gen", "tools"):
+def copy_of_the_sources(tmp_path: Path) -> Path:
+    """What codegen reads, pyproject.toml included: the plugin formats with ruff, which
+    takes its line length from there."""
+    for part in ("proto", "gen", "tools", "tests/proto", "tests/gen"):
         shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__"))
-    proto = tmp_path / "proto" / "tutorial" / "number.proto"
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    assert check(tmp_path).returncode == 0
+    return tmp_path
+
+
+def test_drift_is_detected(tmp_path: Path) -> None:
+    root = copy_of_the_sources(tmp_path)
+    proto = root / "proto" / "tutorial" / "number.proto"
     proto.write_text(proto.read_text().replace("int32 num = 1;", "int32 num = 1;\n  int32 x = 2;"))
-    done = check(tmp_path)
+    done = check(root)
     assert done.returncode == 1
     assert "gen/number_service_gen/tutorial/__init__.py differs" in done.stderr
+    assert "tests/gen" not in done.stderr
+
+
+def test_drift_in_the_test_protos_is_detected(tmp_path: Path) -> None:
+    root = copy_of_the_sources(tmp_path)
+    proto = root / "tests" / "proto" / "fieldkinds" / "fieldkinds.proto"
+    proto.write_text(proto.read_text().replace("int32 a = 1;", "int32 a = 1;\n  int32 b = 5;"))
+    done = check(root)
+    assert done.returncode == 1
+    assert "tests/gen/fieldkinds_gen/testing/fieldkinds/__init__.py differs" in done.stderr
+    assert "gen/number_service_gen" not in done.stderr.replace("tests/gen/", "")
 
 
 def test_wire_contract_matches_the_go_original() -> None:

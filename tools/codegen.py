@@ -1,14 +1,19 @@
-"""Generate gen/ from proto/ with betterproto2, or check that gen/ is current.
+"""Generate gen/ from proto/ (and tests/gen/ from tests/proto/) with betterproto2, or
+check that both are current.
 
 gen/number_service_gen/ gets the betterproto2 package: dataclass messages that carry
 their protobuf descriptors (which server reflection serves), the async grpclib
-service bases and the async typed stubs.
+service bases and the async typed stubs. tests/gen/fieldkinds_gen/ is test-only: the
+message with every kind of field that the generic wire check is tested on, made
+without descriptors, since that check must work for any betterproto2 output.
 
-    python tools/codegen.py           # rewrite gen/number_service_gen
-    python tools/codegen.py --check   # exit 1 if gen/ differs from proto/
+    python tools/codegen.py           # rewrite gen/number_service_gen, tests/gen/fieldkinds_gen
+    python tools/codegen.py --check   # exit 1 if either differs from its protos
 
 protoc comes from grpcio-tools and the plugin from betterproto2-compiler, both
-pinned in requirements/dev.lock, so the output is reproducible byte for byte.
+pinned in requirements/dev.lock, so the output is reproducible byte for byte. (The
+plugin formats its output with ruff, which takes its line length from the
+pyproject.toml it finds above the proto directory: this project's.)
 """
 
 from __future__ import annotations
@@ -20,20 +25,37 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = ROOT / "proto"
-PACKAGE = "number_service_gen"
-TARGET = ROOT / "gen" / PACKAGE
-# grpclib servers and clients, both async; each message gets its DESCRIPTOR (in a pool
-# of the generated package's own), which is what server reflection describes.
-OPTIONS = "client_generation=async,server_generation=async,google_protobuf_descriptors"
 
 
-def generate(out: Path) -> None:
-    """Write the betterproto2 package for every .proto under proto/ into out."""
-    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in PROTO_DIR.rglob("*.proto"))
+@dataclass(frozen=True)
+class Target:
+    """One generated package: every .proto under ``protos`` compiled into ``package``."""
+
+    protos: Path
+    package: Path
+    options: str
+
+
+TARGETS = (
+    # grpclib servers and clients, both async; each message gets its DESCRIPTOR (in a
+    # pool of the generated package's own), which is what server reflection describes.
+    Target(
+        ROOT / "proto",
+        ROOT / "gen" / "number_service_gen",
+        "client_generation=async,server_generation=async,google_protobuf_descriptors",
+    ),
+    # Test-only, and deliberately without DESCRIPTOR (betterproto2's default).
+    Target(ROOT / "tests" / "proto", ROOT / "tests" / "gen" / "fieldkinds_gen", ""),
+)
+
+
+def generate(target: Target, out: Path) -> None:
+    """Write the betterproto2 package for every .proto of ``target`` into out."""
+    protos = sorted(str(p.relative_to(target.protos)) for p in target.protos.rglob("*.proto"))
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     # protoc finds protoc-gen-python_betterproto2 on PATH, beside this Python.
@@ -43,12 +65,12 @@ def generate(out: Path) -> None:
             sys.executable,
             "-m",
             "grpc_tools.protoc",
-            f"-I{PROTO_DIR}",
+            f"-I{target.protos}",
             f"--python_betterproto2_out={out}",
-            f"--python_betterproto2_opt={OPTIONS}",
+            *([f"--python_betterproto2_opt={target.options}"] if target.options else []),
             *protos,
         ],
-        cwd=PROTO_DIR,
+        cwd=target.protos,
         env=env,
         capture_output=True,
         text=True,
@@ -75,20 +97,25 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only compare, write nothing")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        fresh = Path(tmp) / PACKAGE
-        generate(fresh)
-        if args.check:
-            diff = differences(fresh, TARGET) if TARGET.exists() else [str(TARGET)]
-            for path in diff:
-                print(f"gen/{PACKAGE}/{path} differs from what proto/ generates", file=sys.stderr)
-            if diff:
-                print("run: ./dev regen", file=sys.stderr)
-            return 1 if diff else 0
-        shutil.rmtree(TARGET, ignore_errors=True)
-        shutil.copytree(fresh, TARGET)
-    print(f"wrote {TARGET.relative_to(ROOT)}")
-    return 0
+    drifted = False
+    for target in TARGETS:
+        name = target.package.relative_to(ROOT)
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh = Path(tmp) / target.package.name
+            generate(target, fresh)
+            if args.check:
+                diff = differences(fresh, target.package) if target.package.exists() else [""]
+                for path in diff:
+                    source = target.protos.relative_to(ROOT)
+                    print(f"{name}/{path} differs from what {source}/ generates", file=sys.stderr)
+                drifted = drifted or bool(diff)
+                continue
+            shutil.rmtree(target.package, ignore_errors=True)
+            shutil.copytree(fresh, target.package)
+        print(f"wrote {name}")
+    if drifted:
+        print("run: ./dev regen", file=sys.stderr)
+    return 1 if drifted else 0
 
 
 if __name__ == "__main__":
