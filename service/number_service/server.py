@@ -146,9 +146,11 @@ class NumberServer:
         ended = await self.streams.drain(grace)
         if ended:
             log.warning("grace period over: ended %d stream(s) with UNAVAILABLE", ended)
-        self.server.close()  # cancels what still runs: health Watch streams, say
-        # grpclib leaves connections open, and from Python 3.12.1 wait_closed()
-        # waits for them: close them here, on every version.
+        # Cancels what still runs (health Watch streams, say) and closes every
+        # connection (coalesce.py): from Python 3.12.1 wait_closed() waits for them.
+        self.server.close()
+        # Aborts connections that cannot write what they hold, refuses any whose
+        # TLS handshake ends now, and returns once all are gone.
         await self.connections.close()
         # What is left is TLS connections still in their handshake, which have no
         # protocol of ours yet: their handshake timeout ends them, or this at once
