@@ -31,6 +31,7 @@ import trustme
 from grpcio_peer import Grpcio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from polling import eventually
 from processes import HOST, assert_one_error_line, free_port, reap, run, start_server
 from rawh2 import H2Client, RawSocket
 
@@ -200,6 +201,32 @@ async def test_a_tls_handshake_never_started_is_cut_after_the_handshake_timeout(
             for peer in silent:
                 await peer.close()
         assert await sums(port, client_context(ca=certs.ca)) == SUMS
+
+
+async def test_shutdown_closes_tls_connections_left_open(certs: Certs) -> None:
+    """A TLS client that holds its connection is closed by the shutdown; one stuck
+    before its handshake lasts the handshake timeout at most (on Python 3.13+ it is
+    aborted at once). From Python 3.12.1 the first one held shutdown forever."""
+    limits = Limits(tls_handshake_timeout=2.0)
+    sock = bind(HOST, 0)
+    built = NumberServer.build(limits)
+    await built.start(sock, server_context(certs.server_cert, certs.server_key))
+    port = address_of(sock)[1]
+    stuck = await RawSocket.connect(port)
+    reader, writer = await asyncio.open_connection(HOST, port, ssl=client_context(ca=certs.ca))
+    try:
+        await eventually(lambda: built.connections.open == 1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(built.shutdown(grace=0), CALL_TIMEOUT)
+        assert loop.time() - started < limits.tls_handshake_timeout + 2
+        # The server's SETTINGS, then the end of the connection.
+        assert await asyncio.wait_for(reader.read(), CALL_TIMEOUT)
+        assert reader.at_eof()
+        assert (await stuck.read(timeout=CALL_TIMEOUT)).closed
+    finally:
+        writer.close()
+        await stuck.close()
 
 
 # --- mutual TLS --------------------------------------------------------------------

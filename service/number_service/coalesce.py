@@ -71,17 +71,40 @@ class CoalescingTransport(asyncio.Transport):
 
 
 class _CoalescingProtocol(H2Protocol):
+    live: set[_CoalescingProtocol]  # its server's open connections
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport, though not always an asyncio.Transport subclass
         # (uvloop's is not): only its methods are used.
         super().connection_made(CoalescingTransport(cast(asyncio.Transport, transport)))
+        self.live.add(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.live.discard(self)
+        super().connection_lost(exc)
 
 
 class CoalescingServer(Server):
-    """grpclib's Server, with each connection's writes coalesced per loop turn."""
+    """grpclib's Server, with each connection's writes coalesced per loop turn, and
+    ``close()`` closing the connections too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._live: set[_CoalescingProtocol] = set()
 
     def _protocol_factory(self) -> H2Protocol:
         # grpclib has no public hook for the connection protocol; this overrides
         # the private factory that Server.start passes to loop.create_server.
         plain = super()._protocol_factory()
-        return _CoalescingProtocol(plain.handler, plain.config, plain.h2_config)
+        protocol = _CoalescingProtocol(plain.handler, plain.config, plain.h2_config)
+        protocol.live = self._live
+        return protocol
+
+    def close(self) -> None:
+        """Stop listening and cancel every handler (grpclib's close), then close every
+        connection once what it holds is written. grpclib leaves connections to the
+        clients, and from Python 3.12.1 ``wait_closed()`` waits for every one of them
+        (cpython issue #104344): a client that stayed connected held it forever."""
+        super().close()
+        for protocol in list(self._live):
+            protocol.connection.close()

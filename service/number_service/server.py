@@ -73,8 +73,8 @@ class NumberServer:
     server: Server
     streams: Streams
     health: ServiceStatus
+    connections: Connections  # open connections and their limits; shutdown closes them
     metrics: Metrics = field(default_factory=Metrics)
-    connections: Connections | None = None  # open connections and their limits
     tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT  # seconds, under TLS
 
     @classmethod
@@ -134,7 +134,8 @@ class NumberServer:
 
     async def shutdown(self, grace: float) -> None:
         """Drain: NOT_SERVING, no new connections or streams, in-flight streams get
-        ``grace`` seconds to finish; those left end with UNAVAILABLE."""
+        ``grace`` seconds to finish; those left end with UNAVAILABLE. Then every
+        connection is closed, so that clients holding one cannot keep it waiting."""
         self.health.set(False)
         # grpclib has no public way to stop listening alone; close() would also
         # cancel every stream at once. Its asyncio server is in _server.
@@ -145,7 +146,18 @@ class NumberServer:
         ended = await self.streams.drain(grace)
         if ended:
             log.warning("grace period over: ended %d stream(s) with UNAVAILABLE", ended)
+        # Cancels what still runs (health Watch streams, say) and closes every
+        # connection (coalesce.py): from Python 3.12.1 wait_closed() waits for them.
         self.server.close()
+        # Aborts connections that cannot write what they hold, refuses any whose
+        # TLS handshake ends now, and returns once all are gone.
+        await self.connections.close()
+        # What is left is TLS connections still in their handshake, which have no
+        # protocol of ours yet: their handshake timeout ends them, or this at once
+        # (asyncio.Server.abort_clients, Python 3.13+).
+        abort_clients = getattr(self.server._server, "abort_clients", None)
+        if abort_clients is not None:
+            abort_clients()
         await self.server.wait_closed()
 
 
