@@ -41,7 +41,7 @@ from processes import (
 )
 from scraping import Scraped, scrape
 
-from number_service import supervisor
+from number_service import NumberClient, supervisor
 from number_service.codec import NumberCodec
 from number_service.service import ACCUMULATE_NUMBERS
 from number_service.supervisor import (
@@ -56,6 +56,7 @@ from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 TIMEOUT = 20.0  # seconds for any one wait on a server
 WORKER_LINE = re.compile(r"worker (\d+) (?:started|restarted): pid (\d+)")
+ANY_READY_LINE = re.compile(r"listening on \[::\]:(\d+)")
 METRICS_LINE = re.compile(r"metrics of all workers on http://127\.0\.0\.1:(\d+)/metrics")
 Start = Callable[..., ServerProcess]
 
@@ -318,6 +319,49 @@ def test_a_bad_worker_count_is_a_usage_error(value: str) -> None:
     result = run("serve", "--port", "0", "--workers", value)
     assert result.returncode == 2
     assert_one_error_line(result.stderr, "--workers")
+
+
+def popen_serve(*args: str) -> subprocess.Popen[str]:
+    """``number-service serve ARGS``, its stderr a pipe, on whatever address ARGS name."""
+    return subprocess.Popen(
+        [str(EXE), "serve", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_without_buffering(),
+    )
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_serving_on_all_interfaces_takes_ipv4_and_ipv6_clients(workers: str) -> None:
+    """``--host ::`` is all interfaces, as ``serve --help`` says, with or without
+    workers: a client of 127.0.0.1 is served as well as one of ::1."""
+    proc = popen_serve("--host", "::", "--port", "0", "--workers", workers)
+    try:
+        assert proc.stderr is not None
+        stderr = Lines(proc.stderr)
+        match = ANY_READY_LINE.search(stderr.wait_for("listening on", READY_TIMEOUT))
+        assert match is not None, stderr.text()
+        server = ServerProcess(proc, stderr, int(match.group(1)))
+        async with asyncio.timeout(TIMEOUT):
+            for host in (HOST, "::1"):
+                async with NumberClient(host, server.port, timeout=TIMEOUT) as client:
+                    assert [s async for s in client.accumulate([1, 2])] == [1, 3], host
+        assert server.stop() == 0
+    finally:
+        reap(proc)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_all_interfaces_is_refused_when_the_ipv4_port_is_in_use(workers: str) -> None:
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--host", "::", "--port", str(port), "--workers", workers)
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, f"[::]:{port}", "in use")
 
 
 def test_a_port_in_use_stops_the_parent_with_one_line() -> None:

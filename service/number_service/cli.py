@@ -147,7 +147,8 @@ def main() -> None:
 @_serve_option(
     "--host",
     default=server.DEFAULT_HOST,
-    help="Address to listen on; 0.0.0.0 or :: for all interfaces.",
+    help="Address to listen on; 0.0.0.0: all IPv4 interfaces; :: all interfaces, "
+    "IPv4 and IPv6 (dual-stack).",
 )
 @_serve_option(
     "--port",

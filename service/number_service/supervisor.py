@@ -46,7 +46,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from .metrics import MULTIPROC_ENV, MetricsEndpoint
-from .server import ServeConfig, address_of, host_port, listen_errors, resolve
+from .server import ServeConfig, address_of, dual_stack, host_port, listen_errors, resolve
 from .worker import HURRY_SIGNAL, READY, WORKER_ENV
 
 log = logging.getLogger("number_service")
@@ -143,10 +143,11 @@ def reserve(host: str, port: int) -> socket.socket:
     """
     with listen_errors(host, port):
         family, address = resolve(host, port)
+        both = dual_stack(family, address)
         if port:
-            with _tcp_socket(family, reuse_port=False) as probe:
+            with _tcp_socket(family, reuse_port=False, dual_stack=both) as probe:
                 probe.bind(address)
-        sock = _tcp_socket(family, reuse_port=True)
+        sock = _tcp_socket(family, reuse_port=True, dual_stack=both)
         try:
             sock.bind(address)
         except OSError:
@@ -155,12 +156,14 @@ def reserve(host: str, port: int) -> socket.socket:
         return sock
 
 
-def _tcp_socket(family: int, *, reuse_port: bool) -> socket.socket:
-    """A TCP socket set up as ``socket.create_server`` sets up the workers' ones."""
+def _tcp_socket(family: int, *, reuse_port: bool, dual_stack: bool) -> socket.socket:
+    """A TCP socket set up as ``socket.create_server`` sets up the workers' ones
+    (``server.bind``). Dual-stack (``::``), the reservation holds the IPv4 port as
+    well, and the probe finds it taken when anything has it on IPv4."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     return sock
