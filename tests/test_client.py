@@ -237,6 +237,72 @@ async def test_the_callers_own_errors_pass_through_unchanged(
     assert await _collect(number_server_client.accumulate([2, 2])) == [2, 4]
 
 
+# --- Session.add raises the stream's end itself ----------------------------------------
+
+
+async def test_session_add_raises_the_servers_status_itself(
+    number_server_client: NumberClient,
+) -> None:
+    """The server ends the stream (trailers, then RST_STREAM as the client has not
+    half-closed): the add() that overflowed raises OUT_OF_RANGE with its message,
+    not grpclib's "Stream reset by remote party", and leaving the block after the
+    caller handled it raises nothing more."""
+    await _overflow_in_a_session(number_server_client)
+
+
+async def test_session_add_raises_the_servers_status_itself_in_process(
+    number_client: NumberClient,
+) -> None:
+    await _overflow_in_a_session(number_client)
+
+
+async def _overflow_in_a_session(client: NumberClient) -> None:
+    async with client.session() as session:
+        assert await session.add(INT32_MAX) == INT32_MAX
+        with pytest.raises(GRPCError) as caught:
+            await session.add(1)
+        assert caught.value.status is Status.OUT_OF_RANGE
+        message = str(caught.value.message)
+        assert f"sum {INT32_MAX} + num 1 = 2147483648 is outside int32" in message
+        with pytest.raises(RuntimeError, match="session is closed"):
+            await session.add(1)
+    async with client.session() as session:  # the client carries on
+        assert await session.add(3) == 3
+
+
+async def test_session_add_raises_a_drains_unavailable_itself() -> None:
+    server = NumberServer.build()
+    sock = bind("127.0.0.1", 0)
+    await server.start(sock)
+    client = NumberClient("127.0.0.1", sock.getsockname()[1], timeout=10)
+    async with client, client.session() as session:
+        assert await session.add(5) == 5
+        await server.shutdown(grace=0)
+        with pytest.raises(GRPCError) as caught:
+            await session.add(1)
+    assert caught.value.status is Status.UNAVAILABLE
+    assert "server shut down before this stream finished" in str(caught.value.message)
+
+
+async def test_session_add_raises_unavailable_itself_when_the_connection_drops(
+    number_server: RunningServer,
+) -> None:
+    async with (
+        CuttingFront(number_server.port, cut=0, goaway=False) as front,
+        NumberClient("127.0.0.1", front.port, timeout=10) as client,
+    ):
+        with pytest.raises(GRPCError) as outside:
+            async with client.session() as session:
+                assert await session.add(5) == 5
+                await front.drop()
+                with pytest.raises(GRPCError) as caught:
+                    await session.add(1)
+                raise caught.value
+        assert outside.value is caught.value  # the same error, not a second one
+        assert caught.value.status is Status.UNAVAILABLE
+        assert "cut off" in str(caught.value.message)
+
+
 def test_a_client_made_outside_the_event_loop_works_inside_it() -> None:
     port = free_port()
     client = NumberClient("127.0.0.1", port, timeout=10)  # no loop is running here
@@ -271,6 +337,7 @@ class CuttingFront:
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._clients: set[asyncio.StreamWriter] = set()  # of connections piped through
 
     async def __aenter__(self) -> CuttingFront:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -283,6 +350,12 @@ class CuttingFront:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def drop(self) -> None:
+        """End every piped connection now, without a word: the connection is lost."""
+        for writer in self._clients:
+            writer.transport.abort()
+        await asyncio.sleep(0.1)  # for the client to read the end
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -313,6 +386,7 @@ class CuttingFront:
                 pass
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._clients.add(writer)
         back_reader, back_writer = await asyncio.open_connection("127.0.0.1", self.backend_port)
 
         async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:

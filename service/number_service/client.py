@@ -21,12 +21,13 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Callable,
     Collection,
     Iterable,
     Iterator,
     Mapping,
 )
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -205,12 +206,20 @@ class NumberClient:
     ) -> AsyncIterator[Session]:
         """One stream for lock-step use: ``await session.add(n)`` returns the new sum.
 
-        Leaving the block half-closes the stream and waits for the server's OK.
+        ``add`` raises the stream's end (a GRPCError: the server's status, a lost
+        connection, the deadline) as soon as it meets it. Leaving the block
+        half-closes the stream and waits for the server's OK; after an ``add``
+        that raised, there is nothing left to wait for, and leaving is quiet.
         """
-        async with self._call(timeout, metadata) as call:
-            session = Session(call)
-            yield session
-            await session.close()
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else Deadline.from_timeout(timeout)
+        try:
+            async with self._call(timeout, metadata, deadline) as call:
+                session = Session(call, lambda err: self._status_for(err, timeout, deadline, call))
+                yield session
+                await session.close()
+        except _AlreadyRaisedError:
+            pass
 
     @asynccontextmanager
     async def _call(
@@ -306,33 +315,76 @@ class NumberClient:
 class Session:
     """A stream driven one number at a time; made by :meth:`NumberClient.session`."""
 
-    def __init__(self, call: _Call) -> None:
+    def __init__(self, call: _Call, status_for: Callable[[Exception], GRPCError]) -> None:
+        """``status_for``: the gRPC status for a failure of the transport under ``call``."""
         self._call = call
+        self._status_for = status_for
         self._closed = False
+        self._ended: GRPCError | None = None  # the stream's end, once add() has raised it
 
     async def add(self, num: int) -> int:
-        """Send ``num`` and wait for the running sum that answers it."""
+        """Send ``num`` and wait for the running sum that answers it.
+
+        Raises GRPCError when the stream has ended: the server's status and message
+        (OUT_OF_RANGE when the sum would leave int32), or UNAVAILABLE,
+        DEADLINE_EXCEEDED; later calls raise RuntimeError.
+        """
         check_int32(num)
         if self._closed:
             raise RuntimeError("session is closed")
-        with _transport():
+        try:
             await self._call.send_message(NumberRequest(num=num))
             response = await self._call.recv_message()
             if response is None:
-                self._closed = True
                 raise _ended_early()
+        except Exception as err:
+            self._closed = True
+            self._ended = self._status(err)
+            raise self._ended from err
         return response.sum
 
     async def close(self) -> None:
         """Half-close the stream and wait for the server's final status."""
+        if self._ended is not None:
+            raise _AlreadyRaisedError
         if not self._closed:
             self._closed = True
-            with _transport():
+            try:
                 await self._call.end()
                 # Also reads the response headers, which a session with no add() lacks.
                 if await self._call.recv_message() is not None:
                     raise GRPCError(Status.INTERNAL, "server answered a request never sent")
                 await self._call.recv_trailing_metadata()
+            except Exception as err:
+                raise self._status(err) from err
+
+    def _status(self, err: Exception) -> GRPCError:
+        """The status ``err`` means: the server's, if it sent one, else the transport's."""
+        if isinstance(err, GRPCError):
+            return err
+        return _servers_status(self._call) or self._status_for(err)
+
+
+class _AlreadyRaisedError(Exception):
+    """Leaves a session's block quietly: add() has raised the stream's end already,
+    so there is no status left to wait for (grpclib would wait for trailers again)."""
+
+
+def _servers_status(call: _Call) -> GRPCError | None:
+    """The non-OK status in trailers the server sent on ``call``, if any came.
+
+    A server ends a stream the client still sends on with trailers and then
+    RST_STREAM (gRPC's HTTP/2 protocol); grpclib then raises "Stream reset by
+    remote party" from send_message and recv_message, and recv_trailing_metadata
+    raises it too, though the trailers were received. grpclib #75 fixed this for
+    recv_initial_metadata only; its own Stream.__aexit__ reads such trailers with
+    the private ``_maybe_raise``, used here for want of a public way.
+    """
+    try:
+        call._maybe_raise()
+    except GRPCError as err:
+        return err
+    return None
 
 
 # grpclib's reasons for ending every stream of a connection (grpclib.protocol).
@@ -382,15 +434,6 @@ def _replayable(
 # Marks an exception that grpclib raised under a call, as opposed to one of the
 # caller's own passing through the call's block: only the former becomes a status.
 _TRANSPORT = "_number_service_transport"
-
-
-@contextmanager
-def _transport() -> Iterator[None]:
-    try:
-        yield
-    except Exception as err:
-        setattr(err, _TRANSPORT, True)
-        raise
 
 
 def _ended_early() -> StreamTerminatedError:
