@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import struct
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from grpclib import events
@@ -191,6 +193,56 @@ async def test_retry_stays_within_the_deadline() -> None:
         with pytest.raises(GRPCError) as caught:
             await asyncio.wait_for(_collect(client.accumulate([1])), 5)
     assert caught.value.status is Status.DEADLINE_EXCEEDED
+
+
+@pytest.fixture
+def resolver(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``unresolvable.test`` fails to resolve with the error code put in the list
+    (no DNS server is asked); the list then counts the attempts after it."""
+    code: list[int] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "unresolvable.test":
+            code.append(code[0])
+            raise socket.gaierror(code[0], _EAI_TEXT[code[0]])
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return code
+
+
+_EAI_TEXT = {
+    socket.EAI_NONAME: "Name or service not known",
+    socket.EAI_AGAIN: "Temporary failure in name resolution",
+}
+
+
+async def test_retry_gives_up_at_once_on_a_name_that_does_not_resolve(
+    resolver: list[int],
+) -> None:
+    resolver.append(socket.EAI_NONAME)
+    retry = Retry(attempts=5, initial_backoff=0.05, multiplier=1)
+    async with NumberClient("unresolvable.test", 50051, retry=retry, timeout=10) as client:
+        with pytest.raises(GRPCError) as caught:
+            await _collect(client.accumulate([1]))
+    assert caught.value.status is Status.UNAVAILABLE
+    assert "unresolvable.test" in str(caught.value.message)
+    assert "Name or service not known" in str(caught.value.message)
+    assert len(resolver) - 1 == 1  # asked once, never again
+
+
+async def test_retry_tries_again_while_the_resolver_fails_temporarily(
+    resolver: list[int],
+) -> None:
+    resolver.append(socket.EAI_AGAIN)
+    retry = Retry(attempts=3, initial_backoff=0.05, multiplier=1)
+    async with NumberClient("unresolvable.test", 50051, retry=retry, timeout=10) as client:
+        with pytest.raises(GRPCError) as caught:
+            await _collect(client.accumulate([1]))
+    assert caught.value.status is Status.UNAVAILABLE
+    assert "Temporary failure in name resolution" in str(caught.value.message)
+    assert len(resolver) - 1 == 3  # every attempt asked
 
 
 def test_retry_backoff_grows_to_its_cap() -> None:

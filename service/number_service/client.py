@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import ssl as _ssl  # the parameter of NumberClient is called ssl, as in grpclib
 from collections.abc import (
     AsyncGenerator,
@@ -58,6 +59,10 @@ _REPLAY_MAX = 1024  # numbers of an iterable kept to replay an unanswered call
 @dataclass(frozen=True)
 class Retry:
     """Retry connecting, with exponential backoff, while the server cannot be reached.
+
+    Errors that trying again cannot mend end the call at once: TLS failures (a
+    certificate the client does not trust, say) and a host name that does not
+    resolve, unless the resolver reports a temporary failure (EAI_AGAIN).
 
     Only the connection is retried, never a stream that has started: the server
     keeps a stream's sum, so a half-done stream cannot be replayed safely.
@@ -292,6 +297,15 @@ class NumberClient:
                 elif self._owns_channel:
                     message += " (if the server uses TLS, connect with TLS)"
             return _UnansweredError(Status.UNAVAILABLE, message)
+        if isinstance(err, socket.gaierror):
+            return GRPCError(
+                Status.UNAVAILABLE,
+                f"cannot reach {self._target}: cannot resolve {self._host!r}: {err.strerror}",
+            )
+        if isinstance(err, _ssl.SSLError):
+            return GRPCError(
+                Status.UNAVAILABLE, f"cannot reach {self._target}: TLS handshake failed: {err}"
+            )
         if isinstance(err, OSError):
             return GRPCError(Status.UNAVAILABLE, f"cannot reach {self._target}: {err}")
         return GRPCError(
@@ -305,11 +319,25 @@ class NumberClient:
             try:
                 await self.channel.__connect__()
                 return
-            except OSError:
-                delay = next(delays, None)
+            except OSError as err:
+                delay = None if _hopeless(err) else next(delays, None)
                 if delay is None:
                     raise
                 await asyncio.sleep(delay)
+
+
+# getaddrinfo's errors that say the resolver is in trouble, not that the name is
+# unknown: worth trying again. Any other (EAI_NONAME, EAI_NODATA ...) is an answer.
+_RESOLVER_TROUBLE = frozenset({socket.EAI_AGAIN, socket.EAI_MEMORY, socket.EAI_SYSTEM})
+
+
+def _hopeless(err: OSError) -> bool:
+    """Whether connecting again cannot help: a TLS failure (a certificate that is
+    not trusted or not for this host, a server that does not speak TLS), or a host
+    name that does not resolve."""
+    if isinstance(err, _ssl.SSLError):
+        return True
+    return isinstance(err, socket.gaierror) and err.errno not in _RESOLVER_TROUBLE
 
 
 class Session:
