@@ -15,7 +15,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from hyperframe.frame import HeadersFrame
 from processes import free_port
-from rawh2 import GOAWAY, PREFACE, SETTINGS, frame, parse_frames
+from rawh2 import DATA, GOAWAY, PREFACE, SETTINGS, frame, parse_frames
 
 from number_service import INT32_MAX, INT32_MIN, NumberClient, NumberServer, Retry
 from number_service.pytest_plugin import RunningServer
@@ -381,10 +381,15 @@ class CuttingFront:
     through. This is what a grpclib client meets when a server closes an idle
     connection just as a call starts, made deterministic."""
 
-    def __init__(self, backend_port: int, cut: int, *, goaway: bool) -> None:
+    def __init__(
+        self, backend_port: int, cut: int, *, goaway: bool, drop_after_answer: bool = False
+    ) -> None:
+        """``drop_after_answer``: a piped connection is lost just after the server's
+        first DATA frame has passed (the trailers, if any, never do)."""
         self.backend_port = backend_port
         self.cut = cut
         self.goaway = goaway
+        self.drop_after_answer = drop_after_answer
         self.connections = 0
         self.port = 0
         self._server: asyncio.Server | None = None
@@ -448,10 +453,36 @@ class CuttingFront:
                     await dst.drain()
             dst.close()
 
+        async def answer_then_drop(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            data = b""
+            while chunk := await src.read(65536):
+                data += chunk
+                end = _end_of_first_data_frame(data)
+                if end is not None:
+                    dst.write(data[:end])
+                    await dst.drain()
+                    dst.transport.abort()
+                    return
+
+        back = answer_then_drop if self.drop_after_answer else copy
         try:
-            await asyncio.gather(copy(reader, back_writer), copy(back_reader, writer))
+            await asyncio.gather(copy(reader, back_writer), back(back_reader, writer))
         finally:
             back_writer.close()
+
+
+def _end_of_first_data_frame(data: bytes) -> int | None:
+    """Where the first non-empty DATA frame in ``data`` (whole HTTP/2 frames from a
+    server) ends, once it is all there."""
+    offset = 0
+    while len(data) - offset >= 9:
+        length = int.from_bytes(data[offset : offset + 3], "big")
+        if len(data) - offset < 9 + length:
+            return None
+        offset += 9 + length
+        if data[offset - 9 - length + 3] == DATA and length:
+            return offset
+    return None
 
 
 @pytest.mark.parametrize("goaway", [True, False], ids=["goaway", "lost"])
@@ -459,10 +490,11 @@ async def test_a_call_cut_off_before_any_answer_is_retried_once_on_a_new_connect
     number_server: RunningServer, goaway: bool
 ) -> None:
     """The first connection ends (GOAWAY, or lost) before the server answered the
-    call: the call is sent again on a new connection and succeeds."""
+    call: the call is sent again on a new connection and succeeds. That is not
+    ``retry`` (connecting again), which is off here."""
     async with (
         CuttingFront(number_server.port, cut=1, goaway=goaway) as front,
-        NumberClient("127.0.0.1", front.port, timeout=10) as client,
+        NumberClient("127.0.0.1", front.port, timeout=10, retry=None) as client,
     ):
         assert [s async for s in client.accumulate([1, 2, 3])] == [1, 3, 6]
         assert [s async for s in client.accumulate((4,))] == [4]
@@ -518,3 +550,70 @@ async def test_a_half_read_iterator_is_not_replayed(number_server: RunningServer
         assert caught.value.status is Status.UNAVAILABLE
         assert taken == [1]
         assert front.connections == 1
+
+
+async def test_a_call_that_had_an_answer_is_not_replayed(number_server: RunningServer) -> None:
+    """The connection is lost after the server's first DATA frame: UNAVAILABLE,
+    after the sums that came, even for a list that could be sent again."""
+    async with (
+        CuttingFront(number_server.port, cut=0, goaway=False, drop_after_answer=True) as front,
+        NumberClient("127.0.0.1", front.port, timeout=10, retry=None) as client,
+    ):
+        got: list[int] = []
+        with pytest.raises(GRPCError) as caught:
+            async for total in client.accumulate([1, 2, 3]):
+                got.append(total)
+        assert caught.value.status is Status.UNAVAILABLE
+        assert "cut off" in str(caught.value.message)
+        assert got
+        assert got == [1, 3, 6][: len(got)]
+        assert front.connections == 1
+
+
+async def test_a_half_read_iterator_with_an_answer_is_not_replayed(
+    number_server: RunningServer,
+) -> None:
+    """The connection is lost after the server's first sum: UNAVAILABLE, after the
+    sum that came; the call is not sent again, so nothing is taken twice."""
+    taken: list[int] = []
+    dropped = asyncio.Event()
+
+    async def numbers() -> AsyncIterator[int]:
+        taken.append(1)
+        yield 1
+        await asyncio.wait_for(dropped.wait(), 10)
+        taken.append(2)
+        yield 2
+
+    got: list[int] = []
+    async with (
+        CuttingFront(number_server.port, cut=0, goaway=False) as front,
+        NumberClient("127.0.0.1", front.port, timeout=10, retry=None) as client,
+    ):
+        with pytest.raises(GRPCError) as caught:
+            async for total in client.accumulate(numbers()):
+                got.append(total)
+                await front.drop()
+                dropped.set()
+        assert caught.value.status is Status.UNAVAILABLE
+        assert "cut off" in str(caught.value.message)
+        assert got == [1]
+        assert taken in ([1], [1, 2])  # the second may be read, never a third
+        assert front.connections == 1
+
+
+async def test_a_session_is_not_replayed(number_server: RunningServer) -> None:
+    """Replaying is accumulate()'s: a session cut off before any answer fails its
+    add() with UNAVAILABLE, and leaves the next connection to the next call."""
+    async with (
+        CuttingFront(number_server.port, cut=1, goaway=True) as front,
+        NumberClient("127.0.0.1", front.port, timeout=10) as client,
+    ):
+        with pytest.raises(GRPCError) as caught:
+            async with client.session() as session:
+                await session.add(1)
+        assert caught.value.status is Status.UNAVAILABLE
+        assert front.connections == 1
+        async with client.session() as session:
+            assert await session.add(2) == 2
+        assert front.connections == 2

@@ -64,8 +64,9 @@ class Retry:
     certificate the client does not trust, say) and a host name that does not
     resolve, unless the resolver reports a temporary failure (EAI_AGAIN).
 
-    Only the connection is retried, never a stream that has started: the server
-    keeps a stream's sum, so a half-done stream cannot be replayed safely.
+    Only connecting is retried: a call is never sent again because of ``Retry``.
+    (With or without it, ``accumulate`` sends a call again once when its connection
+    ended before the server answered anything: see :meth:`NumberClient.accumulate`.)
     """
 
     attempts: int = 10
@@ -167,6 +168,12 @@ class NumberClient:
         To stop early, close the generator (``async with contextlib.aclosing(...)``):
         that cancels the call at once, where a mere ``break`` leaves it to the
         garbage collector.
+
+        Sent again, once, on a new connection (with or without ``retry``, within
+        the same deadline) only if the connection ended before the server answered
+        anything on the call, as gRPC's transparent retry does, and only if the
+        numbers can be had again (see ``_replayable``). A call that had an answer
+        is never sent again: it fails UNAVAILABLE after the sums that came.
         """
         if isinstance(numbers, range):
             for num in (*numbers[:1], *numbers[-1:]):  # its bounds say it all
