@@ -26,6 +26,7 @@ from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.server import Server
 
+from .addresses import host_port
 from .coalesce import CoalescingServer
 from .codec import NumberCodec
 from .fastpath import BatchedAccumulate
@@ -200,11 +201,6 @@ def address_of(sock: socket.socket) -> tuple[str, int]:
     """The host and port a bound socket really listens on."""
     host, port = sock.getsockname()[:2]
     return str(host), int(port)
-
-
-def host_port(host: str, port: int) -> str:
-    """``host:port``, with brackets around an IPv6 host."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def serve(config: ServeConfig | None = None) -> None:

@@ -45,8 +45,9 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from .addresses import host_port
 from .metrics import MULTIPROC_ENV, MetricsEndpoint
-from .server import ServeConfig, address_of, dual_stack, host_port, listen_errors, resolve
+from .server import ServeConfig, address_of, dual_stack, listen_errors, resolve
 from .worker import HURRY_SIGNAL, READY, WORKER_ENV
 
 log = logging.getLogger("number_service")
