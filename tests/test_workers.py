@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality
+from grpclib.exceptions import StreamTerminatedError
 from polling import eventually
 from processes import (
     EXE,
@@ -295,6 +296,62 @@ async def test_metrics_of_both_workers_add_up_on_the_parents_endpoint(
     assert value(metrics, "grpc_server_msg_received_total") == received
     assert value(metrics, "grpc_server_msg_sent_total") == received
     assert value(metrics, "grpc_server_streams_in_flight") == 0
+    assert server.stop() == 0
+
+
+async def test_streams_of_a_killed_worker_are_counted_as_handled_unavailable(
+    serve_workers: Start,
+) -> None:
+    """kill -9 leaves a worker no chance to count the end of its streams: the parent
+    counts them, as grpc_code Unavailable (what their clients saw), so that started
+    == handled + in flight holds and error-rate dashboards see the crash."""
+    server = serve_workers("--workers", "2", "--metrics-port", "0")
+    port = next(
+        int(match.group(1)) for line in server.stderr.seen if (match := METRICS_LINE.search(line))
+    )
+    labels = frozenset(
+        {
+            ("grpc_type", "bidi_stream"),
+            ("grpc_service", "tutorial.NumberService"),
+            ("grpc_method", "AccumulateNumbers"),
+        }
+    )
+
+    def value(metrics: Scraped, name: str) -> float:
+        return metrics.get((name, labels), 0.0)
+
+    def handled(metrics: Scraped, code: str | None = None) -> float:
+        return sum(
+            value
+            for (name, keys), value in metrics.items()
+            if name == "grpc_server_handled_total"
+            and labels <= keys
+            and (code is None or ("grpc_code", code) in keys)
+        )
+
+    def balanced(metrics: Scraped) -> bool:
+        started = value(metrics, "grpc_server_started_total")
+        return started == handled(metrics) + value(metrics, "grpc_server_streams_in_flight")
+
+    async with asyncio.timeout(TIMEOUT), contextlib.AsyncExitStack() as stack:
+        doomed = [await stream_on(stack, server.port, 1) for _ in range(3)]
+        survivor = await stream_on(stack, server.port, 0)
+        in_flight = "grpc_server_streams_in_flight"
+        await scrape_until(port, lambda m: value(m, in_flight) == 4 and balanced(m))
+        os.kill(worker_pids(server)[1], signal.SIGKILL)
+        await asyncio.to_thread(server.stderr.wait_for, "was killed by SIGKILL")
+        metrics = await scrape_until(
+            port, lambda m: value(m, in_flight) == 1 and handled(m, "Unavailable") == 3
+        )
+        assert balanced(metrics), metrics
+        for stream in doomed:  # their clients saw the connection go
+            with pytest.raises(StreamTerminatedError):
+                await add(stream, 1)
+        assert await add(survivor, 2) == 3
+        await finish(survivor)
+    metrics = await scrape_until(port, lambda m: value(m, in_flight) == 0 and balanced(m))
+    assert handled(metrics, "Unavailable") == 3
+    assert handled(metrics, "OK") == value(metrics, "grpc_server_started_total") - 3
     assert server.stop() == 0
 
 

@@ -20,7 +20,9 @@ start. After ``ready`` the parent keeps reading (and dropping) a worker's stdout
 that a worker that prints cannot block on a full pipe.
 
 With --metrics-port, workers write prometheus-client's multiprocess files to a
-temporary directory, and the parent serves their sum; workers have no endpoint. The
+temporary directory, and the parent serves their sum; workers have no endpoint.
+The streams a dead worker had in flight are counted as handled, Unavailable, by
+the parent (``metrics.LostStreams``), since the worker could not. The
 parent removes the directory when it stops, and holds a lock on it while it runs:
 one left by a parent that was killed is unlocked, and the next parent that starts
 with metrics removes it.
@@ -46,7 +48,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from .addresses import host_port
-from .metrics import MULTIPROC_ENV, MetricsEndpoint
+from .metrics import MULTIPROC_ENV, LostStreams, MetricsEndpoint
 from .server import ServeConfig, address_of, dual_stack, listen_errors, resolve
 from .worker import HURRY_SIGNAL, READY, WORKER_ENV
 
@@ -194,6 +196,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._address = ""
         self._listening = False
+        self._lost: LostStreams | None = None  # with --metrics-port
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (exit code 0) or until workers cannot start (1)."""
@@ -207,6 +210,7 @@ class Supervisor:
         try:
             if self.config.metrics_port is not None:
                 metrics_dir, lock = make_metrics_dir()
+                self._lost = LostStreams(metrics_dir)
                 registry = CollectorRegistry()
                 MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
                 host = self.config.metrics_host
@@ -265,6 +269,8 @@ class Supervisor:
                 if discard is not None:
                     await discard
                 if metrics_dir is not None:  # its in-flight gauge no longer counts
+                    if self._lost is not None:
+                        self._lost.count(proc.pid)  # the streams it could not count
                     mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
                 how = describe_exit(code)
                 if self._stop.is_set():
