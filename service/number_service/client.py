@@ -394,10 +394,14 @@ class Session:
                 raise self._status(err) from err
 
     def _status(self, err: Exception) -> GRPCError:
-        """The status ``err`` means: the server's, if it sent one, else the transport's."""
+        """The status ``err`` means: for a stream that ended, the server's, if it
+        sent one (as grpclib's own Stream.__aexit__ decides), else the transport's;
+        a deadline that passed is DEADLINE_EXCEEDED, whatever came meanwhile."""
         if isinstance(err, GRPCError):
             return err
-        return _servers_status(self._call) or self._status_for(err)
+        if isinstance(err, StreamTerminatedError) and (status := _servers_status(self._call)):
+            return status
+        return self._status_for(err)
 
 
 class _AlreadyRaisedError(Exception):
