@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import signal
 import socket
 import subprocess
@@ -36,6 +37,7 @@ from scraping import scrape
 from number_service import INT32_MAX, NumberClient, healthcheck
 from number_service.metrics import MetricsEndpoint
 from number_service.pytest_plugin import RunningServer
+from number_service.server import NumberServer, address_of, bind
 
 SERVICE = "tutorial.NumberService"
 TIMEOUT = 10.0
@@ -231,6 +233,29 @@ async def test_one_log_line_per_stream(
     assert line.__dict__["status"] == "OK"
     assert (line.__dict__["received"], line.__dict__["sent"]) == (2, 2)
     assert line.__dict__["duration_ms"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("client_host", "peer"),
+    [("::1", r"\[::1\]:\d+"), ("127.0.0.1", r"127\.0\.0\.1:\d+")],
+    ids=["ipv6", "ipv4-on-dual-stack"],
+)
+async def test_the_log_line_names_the_peer_as_host_port(
+    caplog: pytest.LogCaptureFixture, client_host: str, peer: str
+) -> None:
+    """``[::1]:40818``, not the ambiguous ``::1:40818``; an IPv4 client of a
+    dual-stack socket is ``127.0.0.1:40818``, not ``[::ffff:127.0.0.1]:40818``."""
+    caplog.set_level(logging.INFO)
+    sock = bind("::", 0)
+    built = NumberServer.build()
+    await built.start(sock)
+    try:
+        async with NumberClient(client_host, address_of(sock)[1], timeout=TIMEOUT) as client:
+            assert [s async for s in client.accumulate([1])] == [1]
+        (line,) = await wait_for_lines(caplog, 1)
+    finally:
+        await built.shutdown(grace=0)
+    assert re.fullmatch(peer, line.__dict__["peer"]), line.__dict__["peer"]
 
 
 async def test_health_probes_log_at_debug_only(

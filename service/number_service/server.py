@@ -26,6 +26,7 @@ from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.server import Server
 
+from .addresses import host_port
 from .coalesce import CoalescingServer
 from .codec import NumberCodec
 from .fastpath import BatchedAccumulate
@@ -169,7 +170,13 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """
     with listen_errors(host, port):
         family, address = resolve(host, port)
-        listener = socket.create_server(address, family=family, backlog=128, reuse_port=reuse_port)
+        listener = socket.create_server(
+            address,
+            family=family,
+            backlog=128,
+            reuse_port=reuse_port,
+            dualstack_ipv6=dual_stack(family, address),
+        )
         # create_server leaves proto 0, and asyncio sets TCP_NODELAY on accepted
         # sockets only when proto is IPPROTO_TCP: without it, Nagle plus delayed
         # ACKs held each lock-step answer ~40 ms. Re-wrap the fd with the right proto.
@@ -183,27 +190,29 @@ def resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple[str, int]
     return family, (str(address[0]), int(address[1]))
 
 
+def dual_stack(family: int, address: tuple[str, int]) -> bool:
+    """Whether a socket on ``address`` takes IPv4 connections too: on ``::`` (all
+    interfaces) it does, where the system can (IPV6_V6ONLY off); any other IPv6
+    address is IPv6 only."""
+    return family == socket.AF_INET6 and address[0] == "::" and socket.has_dualstack_ipv6()
+
+
 @contextmanager
 def listen_errors(host: str, port: int) -> Iterator[None]:
     """Turn a failure to resolve or bind host:port into one OSError that names it."""
     try:
         yield
     except socket.gaierror as err:  # its errno is not an os.strerror one
-        raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+        raise OSError(f"cannot listen on {host_port(host, port)}: {err.strerror}") from None
     except OSError as err:
         reason = os.strerror(err.errno) if err.errno else str(err)
-        raise OSError(f"cannot listen on {host}:{port}: {reason}") from None
+        raise OSError(f"cannot listen on {host_port(host, port)}: {reason}") from None
 
 
 def address_of(sock: socket.socket) -> tuple[str, int]:
     """The host and port a bound socket really listens on."""
     host, port = sock.getsockname()[:2]
     return str(host), int(port)
-
-
-def host_port(host: str, port: int) -> str:
-    """``host:port``, with brackets around an IPv6 host."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def serve(config: ServeConfig | None = None) -> None:
