@@ -183,18 +183,23 @@ def test_accumulate_streams_each_sum_before_the_next_number(server: int) -> None
 
 
 @pytest.mark.parametrize(
-    ("stdin", "needles"),
+    ("stdin", "sums", "needles"),
     [
-        ("1\nabc\n3\n", ["line 2", "'abc'", "not an integer"]),
-        ("1\n\n2.5\n", ["line 3", "'2.5'"]),  # blank lines count
-        ("1\n2147483648\n", ["line 2", "2147483648", "outside int32"]),
-        ("-2147483649\n", ["line 1", "-2147483649", "outside int32"]),
+        ("1\nabc\n3\n", [1], ["line 2", "'abc'", "not an integer"]),
+        ("1\n\n2.5\n", [1], ["line 3", "'2.5'"]),  # blank lines count
+        ("1\n\n2\nx\n", [1, 3], ["line 4", "'x'", "not an integer"]),
+        ("1\n2147483648\n", [1], ["line 2", "2147483648", "outside int32"]),
+        ("-2147483649\n", [], ["line 1", "-2147483649", "outside int32"]),
     ],
-    ids=["word", "after-blank", "above-int32", "below-int32"],
+    ids=["word", "after-blank", "after-two", "above-int32", "below-int32"],
 )
-def test_accumulate_bad_stdin_line_exits_2(server: int, stdin: str, needles: list[str]) -> None:
+def test_accumulate_bad_stdin_line_exits_2_after_the_sums_before_it(
+    server: int, stdin: str, sums: list[int], needles: list[str]
+) -> None:
+    """As the server does: every sum answered is printed, then the error."""
     result = run("accumulate", "--port", str(server), "-", stdin=stdin)
     assert result.returncode == 2
+    assert _sums(result.stdout) == sums
     assert_one_error_line(result.stderr, *needles)
 
 

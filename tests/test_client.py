@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import struct
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from grpclib import events
@@ -13,7 +15,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from hyperframe.frame import HeadersFrame
 from processes import free_port
-from rawh2 import GOAWAY, PREFACE, SETTINGS, frame, parse_frames
+from rawh2 import DATA, GOAWAY, PREFACE, SETTINGS, frame, parse_frames
 
 from number_service import INT32_MAX, INT32_MIN, NumberClient, NumberServer, Retry
 from number_service.pytest_plugin import RunningServer
@@ -193,6 +195,56 @@ async def test_retry_stays_within_the_deadline() -> None:
     assert caught.value.status is Status.DEADLINE_EXCEEDED
 
 
+@pytest.fixture
+def resolver(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """``unresolvable.test`` fails to resolve with the error code put in the list
+    (no DNS server is asked); the list then counts the attempts after it."""
+    code: list[int] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "unresolvable.test":
+            code.append(code[0])
+            raise socket.gaierror(code[0], _EAI_TEXT[code[0]])
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return code
+
+
+_EAI_TEXT = {
+    socket.EAI_NONAME: "Name or service not known",
+    socket.EAI_AGAIN: "Temporary failure in name resolution",
+}
+
+
+async def test_retry_gives_up_at_once_on_a_name_that_does_not_resolve(
+    resolver: list[int],
+) -> None:
+    resolver.append(socket.EAI_NONAME)
+    retry = Retry(attempts=5, initial_backoff=0.05, multiplier=1)
+    async with NumberClient("unresolvable.test", 50051, retry=retry, timeout=10) as client:
+        with pytest.raises(GRPCError) as caught:
+            await _collect(client.accumulate([1]))
+    assert caught.value.status is Status.UNAVAILABLE
+    assert "unresolvable.test" in str(caught.value.message)
+    assert "Name or service not known" in str(caught.value.message)
+    assert len(resolver) - 1 == 1  # asked once, never again
+
+
+async def test_retry_tries_again_while_the_resolver_fails_temporarily(
+    resolver: list[int],
+) -> None:
+    resolver.append(socket.EAI_AGAIN)
+    retry = Retry(attempts=3, initial_backoff=0.05, multiplier=1)
+    async with NumberClient("unresolvable.test", 50051, retry=retry, timeout=10) as client:
+        with pytest.raises(GRPCError) as caught:
+            await _collect(client.accumulate([1]))
+    assert caught.value.status is Status.UNAVAILABLE
+    assert "Temporary failure in name resolution" in str(caught.value.message)
+    assert len(resolver) - 1 == 3  # every attempt asked
+
+
 def test_retry_backoff_grows_to_its_cap() -> None:
     delays = list(Retry(attempts=6, initial_backoff=0.1, max_backoff=0.5).delays())
     assert len(delays) == 5
@@ -237,6 +289,72 @@ async def test_the_callers_own_errors_pass_through_unchanged(
     assert await _collect(number_server_client.accumulate([2, 2])) == [2, 4]
 
 
+# --- Session.add raises the stream's end itself ----------------------------------------
+
+
+async def test_session_add_raises_the_servers_status_itself(
+    number_server_client: NumberClient,
+) -> None:
+    """The server ends the stream (trailers, then RST_STREAM as the client has not
+    half-closed): the add() that overflowed raises OUT_OF_RANGE with its message,
+    not grpclib's "Stream reset by remote party", and leaving the block after the
+    caller handled it raises nothing more."""
+    await _overflow_in_a_session(number_server_client)
+
+
+async def test_session_add_raises_the_servers_status_itself_in_process(
+    number_client: NumberClient,
+) -> None:
+    await _overflow_in_a_session(number_client)
+
+
+async def _overflow_in_a_session(client: NumberClient) -> None:
+    async with client.session() as session:
+        assert await session.add(INT32_MAX) == INT32_MAX
+        with pytest.raises(GRPCError) as caught:
+            await session.add(1)
+        assert caught.value.status is Status.OUT_OF_RANGE
+        message = str(caught.value.message)
+        assert f"sum {INT32_MAX} + num 1 = 2147483648 is outside int32" in message
+        with pytest.raises(RuntimeError, match="session is closed"):
+            await session.add(1)
+    async with client.session() as session:  # the client carries on
+        assert await session.add(3) == 3
+
+
+async def test_session_add_raises_a_drains_unavailable_itself() -> None:
+    server = NumberServer.build()
+    sock = bind("127.0.0.1", 0)
+    await server.start(sock)
+    client = NumberClient("127.0.0.1", sock.getsockname()[1], timeout=10)
+    async with client, client.session() as session:
+        assert await session.add(5) == 5
+        await server.shutdown(grace=0)
+        with pytest.raises(GRPCError) as caught:
+            await session.add(1)
+    assert caught.value.status is Status.UNAVAILABLE
+    assert "server shut down before this stream finished" in str(caught.value.message)
+
+
+async def test_session_add_raises_unavailable_itself_when_the_connection_drops(
+    number_server: RunningServer,
+) -> None:
+    async with (
+        CuttingFront(number_server.port, cut=0, goaway=False) as front,
+        NumberClient("127.0.0.1", front.port, timeout=10) as client,
+    ):
+        with pytest.raises(GRPCError) as outside:
+            async with client.session() as session:
+                assert await session.add(5) == 5
+                await front.drop()
+                with pytest.raises(GRPCError) as caught:
+                    await session.add(1)
+                raise caught.value
+        assert outside.value is caught.value  # the same error, not a second one
+        assert caught.value.status is Status.UNAVAILABLE
+        assert "cut off" in str(caught.value.message)
+
+
 def test_a_client_made_outside_the_event_loop_works_inside_it() -> None:
     port = free_port()
     client = NumberClient("127.0.0.1", port, timeout=10)  # no loop is running here
@@ -263,14 +381,20 @@ class CuttingFront:
     through. This is what a grpclib client meets when a server closes an idle
     connection just as a call starts, made deterministic."""
 
-    def __init__(self, backend_port: int, cut: int, *, goaway: bool) -> None:
+    def __init__(
+        self, backend_port: int, cut: int, *, goaway: bool, drop_after_answer: bool = False
+    ) -> None:
+        """``drop_after_answer``: a piped connection is lost just after the server's
+        first DATA frame has passed (the trailers, if any, never do)."""
         self.backend_port = backend_port
         self.cut = cut
         self.goaway = goaway
+        self.drop_after_answer = drop_after_answer
         self.connections = 0
         self.port = 0
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._clients: set[asyncio.StreamWriter] = set()  # of connections piped through
 
     async def __aenter__(self) -> CuttingFront:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -283,6 +407,12 @@ class CuttingFront:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def drop(self) -> None:
+        """End every piped connection now, without a word: the connection is lost."""
+        for writer in self._clients:
+            writer.transport.abort()
+        await asyncio.sleep(0.1)  # for the client to read the end
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -313,6 +443,7 @@ class CuttingFront:
                 pass
 
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._clients.add(writer)
         back_reader, back_writer = await asyncio.open_connection("127.0.0.1", self.backend_port)
 
         async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
@@ -322,10 +453,36 @@ class CuttingFront:
                     await dst.drain()
             dst.close()
 
+        async def answer_then_drop(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            data = b""
+            while chunk := await src.read(65536):
+                data += chunk
+                end = _end_of_first_data_frame(data)
+                if end is not None:
+                    dst.write(data[:end])
+                    await dst.drain()
+                    dst.transport.abort()
+                    return
+
+        back = answer_then_drop if self.drop_after_answer else copy
         try:
-            await asyncio.gather(copy(reader, back_writer), copy(back_reader, writer))
+            await asyncio.gather(copy(reader, back_writer), back(back_reader, writer))
         finally:
             back_writer.close()
+
+
+def _end_of_first_data_frame(data: bytes) -> int | None:
+    """Where the first non-empty DATA frame in ``data`` (whole HTTP/2 frames from a
+    server) ends, once it is all there."""
+    offset = 0
+    while len(data) - offset >= 9:
+        length = int.from_bytes(data[offset : offset + 3], "big")
+        if len(data) - offset < 9 + length:
+            return None
+        offset += 9 + length
+        if data[offset - 9 - length + 3] == DATA and length:
+            return offset
+    return None
 
 
 @pytest.mark.parametrize("goaway", [True, False], ids=["goaway", "lost"])
@@ -333,10 +490,11 @@ async def test_a_call_cut_off_before_any_answer_is_retried_once_on_a_new_connect
     number_server: RunningServer, goaway: bool
 ) -> None:
     """The first connection ends (GOAWAY, or lost) before the server answered the
-    call: the call is sent again on a new connection and succeeds."""
+    call: the call is sent again on a new connection and succeeds. That is not
+    ``retry`` (connecting again), which is off here."""
     async with (
         CuttingFront(number_server.port, cut=1, goaway=goaway) as front,
-        NumberClient("127.0.0.1", front.port, timeout=10) as client,
+        NumberClient("127.0.0.1", front.port, timeout=10, retry=None) as client,
     ):
         assert [s async for s in client.accumulate([1, 2, 3])] == [1, 3, 6]
         assert [s async for s in client.accumulate((4,))] == [4]
@@ -392,3 +550,70 @@ async def test_a_half_read_iterator_is_not_replayed(number_server: RunningServer
         assert caught.value.status is Status.UNAVAILABLE
         assert taken == [1]
         assert front.connections == 1
+
+
+async def test_a_call_that_had_an_answer_is_not_replayed(number_server: RunningServer) -> None:
+    """The connection is lost after the server's first DATA frame: UNAVAILABLE,
+    after the sums that came, even for a list that could be sent again."""
+    async with (
+        CuttingFront(number_server.port, cut=0, goaway=False, drop_after_answer=True) as front,
+        NumberClient("127.0.0.1", front.port, timeout=10, retry=None) as client,
+    ):
+        got: list[int] = []
+        with pytest.raises(GRPCError) as caught:
+            async for total in client.accumulate([1, 2, 3]):
+                got.append(total)
+        assert caught.value.status is Status.UNAVAILABLE
+        assert "cut off" in str(caught.value.message)
+        assert got
+        assert got == [1, 3, 6][: len(got)]
+        assert front.connections == 1
+
+
+async def test_a_half_read_iterator_with_an_answer_is_not_replayed(
+    number_server: RunningServer,
+) -> None:
+    """The connection is lost after the server's first sum: UNAVAILABLE, after the
+    sum that came; the call is not sent again, so nothing is taken twice."""
+    taken: list[int] = []
+    dropped = asyncio.Event()
+
+    async def numbers() -> AsyncIterator[int]:
+        taken.append(1)
+        yield 1
+        await asyncio.wait_for(dropped.wait(), 10)
+        taken.append(2)
+        yield 2
+
+    got: list[int] = []
+    async with (
+        CuttingFront(number_server.port, cut=0, goaway=False) as front,
+        NumberClient("127.0.0.1", front.port, timeout=10, retry=None) as client,
+    ):
+        with pytest.raises(GRPCError) as caught:
+            async for total in client.accumulate(numbers()):
+                got.append(total)
+                await front.drop()
+                dropped.set()
+        assert caught.value.status is Status.UNAVAILABLE
+        assert "cut off" in str(caught.value.message)
+        assert got == [1]
+        assert taken in ([1], [1, 2])  # the second may be read, never a third
+        assert front.connections == 1
+
+
+async def test_a_session_is_not_replayed(number_server: RunningServer) -> None:
+    """Replaying is accumulate()'s: a session cut off before any answer fails its
+    add() with UNAVAILABLE, and leaves the next connection to the next call."""
+    async with (
+        CuttingFront(number_server.port, cut=1, goaway=True) as front,
+        NumberClient("127.0.0.1", front.port, timeout=10) as client,
+    ):
+        with pytest.raises(GRPCError) as caught:
+            async with client.session() as session:
+                await session.add(1)
+        assert caught.value.status is Status.UNAVAILABLE
+        assert front.connections == 1
+        async with client.session() as session:
+            assert await session.add(2) == 2
+        assert front.connections == 2

@@ -289,6 +289,40 @@ async def test_connections_over_the_cap_are_closed_with_goaway(
         await eventually(lambda: built.connections is not None and built.connections.open == 0)
 
 
+async def test_shutdown_closes_every_connection_left_open() -> None:
+    """After its drain, shutdown closes every connection, whatever it is doing: one
+    with a stream the drain cut (its UNAVAILABLE trailers arrive first), one with no
+    stream, one that never sent the HTTP/2 preface. grpclib leaves connections to
+    the clients, and from Python 3.12.1 its wait_closed() waited for them forever."""
+    sock = bind(HOST, 0)
+    built = NumberServer.build()
+    await built.start(sock)
+    port = address_of(sock)[1]
+    silent = await RawSocket.connect(port)
+    idle = await handshaken(port)
+    busy = await handshaken(port)
+    try:
+        stream = busy.open_stream()
+        busy.send_data(stream, grpc_message(num(7)))
+        reply = busy.replies[stream]
+        await busy.read_until(lambda: sums(reply.messages) == [7])
+        await eventually(lambda: built.connections.open == 3)
+        await asyncio.wait_for(built.shutdown(grace=0), TIMEOUT)
+        assert built.connections.open == 0
+        await busy.read_until(lambda: False)  # to the end of the connection
+        assert reply.ended, "the stream was cut off before its trailers"
+        assert reply.grpc_status == Status.UNAVAILABLE.value
+        assert "shut down" in (reply.grpc_message or "")
+        await idle.read_until(lambda: False)
+        for client in (busy, idle):
+            assert client.closed
+            assert client.goaway is None  # a plain close, after everything written
+        assert (await silent.read(timeout=TIMEOUT)).closed
+    finally:
+        for peer in (busy, idle, silent):
+            await peer.close()
+
+
 # --- 4. keepalive and the idle-connection timeout ---------------------------------------
 
 

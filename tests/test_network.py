@@ -14,7 +14,13 @@ from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
-from number_service import ACCUMULATE_NUMBERS, INT32_MAX, NumberClient, NumberService
+from number_service import (
+    ACCUMULATE_NUMBERS,
+    INT32_MAX,
+    NumberClient,
+    NumberServer,
+    NumberService,
+)
 from number_service.pytest_plugin import RunningServer
 from number_service.server import address_of, bind
 
@@ -175,3 +181,16 @@ async def test_accepted_connections_have_nagle_off() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("client_host", ["127.0.0.1", "::1"])
+async def test_listening_on_all_interfaces_takes_ipv4_and_ipv6_clients(client_host: str) -> None:
+    """``::`` is all interfaces, as ``serve --help`` says: IPv4 clients too, not only IPv6."""
+    sock = bind("::", 0)
+    server = NumberServer.build()
+    await server.start(sock)
+    try:
+        async with NumberClient(client_host, address_of(sock)[1], timeout=10) as client:
+            assert [s async for s in client.accumulate([1, 2])] == [1, 3]
+    finally:
+        await server.shutdown(grace=0)

@@ -8,10 +8,13 @@ signals and configuration against a real ``number-service serve`` process.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import re
 import signal
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -34,6 +37,7 @@ from scraping import scrape
 from number_service import INT32_MAX, NumberClient, healthcheck
 from number_service.metrics import MetricsEndpoint
 from number_service.pytest_plugin import RunningServer
+from number_service.server import NumberServer, address_of, bind
 
 SERVICE = "tutorial.NumberService"
 TIMEOUT = 10.0
@@ -231,6 +235,29 @@ async def test_one_log_line_per_stream(
     assert line.__dict__["duration_ms"] >= 0
 
 
+@pytest.mark.parametrize(
+    ("client_host", "peer"),
+    [("::1", r"\[::1\]:\d+"), ("127.0.0.1", r"127\.0\.0\.1:\d+")],
+    ids=["ipv6", "ipv4-on-dual-stack"],
+)
+async def test_the_log_line_names_the_peer_as_host_port(
+    caplog: pytest.LogCaptureFixture, client_host: str, peer: str
+) -> None:
+    """``[::1]:40818``, not the ambiguous ``::1:40818``; an IPv4 client of a
+    dual-stack socket is ``127.0.0.1:40818``, not ``[::ffff:127.0.0.1]:40818``."""
+    caplog.set_level(logging.INFO)
+    sock = bind("::", 0)
+    built = NumberServer.build()
+    await built.start(sock)
+    try:
+        async with NumberClient(client_host, address_of(sock)[1], timeout=TIMEOUT) as client:
+            assert [s async for s in client.accumulate([1])] == [1]
+        (line,) = await wait_for_lines(caplog, 1)
+    finally:
+        await built.shutdown(grace=0)
+    assert re.fullmatch(peer, line.__dict__["peer"]), line.__dict__["peer"]
+
+
 async def test_health_probes_log_at_debug_only(
     number_server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -317,6 +344,44 @@ async def test_signal_drains_in_flight_streams(sig: signal.Signals) -> None:
         assert "Traceback" not in srv.stderr.rest()
     finally:
         reap(srv.proc)
+
+
+@pytest.mark.parametrize("client", ["grpclib-after-a-call", "tcp-only"])
+async def test_sigterm_exits_while_a_client_holds_an_idle_connection(client: str) -> None:
+    """A client that keeps its connection open (no stream on it) must not hold the
+    drain: from Python 3.12.1 asyncio's Server.wait_closed() waits for every
+    connection, and such a server never exited, not even on a second signal."""
+    srv = start_server(0)
+    try:
+        async with contextlib.AsyncExitStack() as held:
+            if client == "tcp-only":  # never says a word, not even the HTTP/2 preface
+                held.enter_context(socket.create_connection((HOST, srv.port), timeout=TIMEOUT))
+            else:
+                idle = await held.enter_async_context(NumberClient(HOST, srv.port, timeout=TIMEOUT))
+                assert [s async for s in idle.accumulate([1, 2])] == [1, 3]
+            await asyncio.sleep(0.2)  # the server has the connection, not just the kernel
+            signalled = time.monotonic()
+            srv.proc.send_signal(signal.SIGTERM)
+            code = await asyncio.to_thread(wait_or_none, srv.proc, EXIT_IN)
+            took = time.monotonic() - signalled
+        assert code == 0, f"serve still running {EXIT_IN} s after SIGTERM: {srv.stderr.rest()!r}"
+        assert took < EXIT_IN
+        log = srv.stderr.rest()
+        assert "stopped" in log
+        assert "Traceback" not in log
+    finally:
+        reap(srv.proc)
+
+
+EXIT_IN = 5.0  # seconds for serve to exit on SIGTERM with no stream open (it takes ~0.1)
+
+
+def wait_or_none(proc: subprocess.Popen[str], timeout: float) -> int | None:
+    """The process's exit code, or None if it is still running after ``timeout`` s."""
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 # --- configuration ----------------------------------------------------------------------

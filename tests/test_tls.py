@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,10 +32,11 @@ import trustme
 from grpcio_peer import Grpcio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from polling import eventually
 from processes import HOST, assert_one_error_line, free_port, reap, run, start_server
 from rawh2 import H2Client, RawSocket
 
-from number_service import NumberClient
+from number_service import NumberClient, Retry
 from number_service.limits import Limits
 from number_service.server import NumberServer, address_of, bind
 from number_service.tls import TLSConfig, TLSFileError, client_context, server_context
@@ -180,6 +182,25 @@ async def test_client_verifies_the_server_ca_and_name(certs: Certs) -> None:
         assert "127.0.0.1" in str(err.message)  # "IP address mismatch ... '127.0.0.1'"
 
 
+async def test_retry_gives_up_at_once_on_a_certificate_it_cannot_verify(certs: Certs) -> None:
+    """A wrong CA never becomes right: Retry does not back off and try again (the
+    first wait alone would be 4 s or more); the status says what was wrong."""
+    retry = Retry(attempts=3, initial_backoff=5.0)
+    async with serving(server_context(certs.server_cert, certs.server_key)) as port:
+        wrong_ca = client_context(ca=certs.other_ca)
+        client = NumberClient(HOST, port, ssl=wrong_ca, retry=retry, timeout=30)
+        started = time.monotonic()
+        with pytest.raises(GRPCError) as caught:
+            async with client:
+                await asyncio.wait_for(client.accumulate(NUMS).__anext__(), 30)
+        elapsed = time.monotonic() - started
+        assert elapsed < 3.0, f"{elapsed:.1f} s: it backed off and retried"
+        assert caught.value.status is Status.UNAVAILABLE
+        assert "TLS handshake" in str(caught.value.message)
+        assert "CERTIFICATE_VERIFY_FAILED" in str(caught.value.message)
+        assert await sums(port, client_context(ca=certs.ca)) == SUMS
+
+
 async def test_a_tls_handshake_never_started_is_cut_after_the_handshake_timeout(
     certs: Certs,
 ) -> None:
@@ -200,6 +221,32 @@ async def test_a_tls_handshake_never_started_is_cut_after_the_handshake_timeout(
             for peer in silent:
                 await peer.close()
         assert await sums(port, client_context(ca=certs.ca)) == SUMS
+
+
+async def test_shutdown_closes_tls_connections_left_open(certs: Certs) -> None:
+    """A TLS client that holds its connection is closed by the shutdown; one stuck
+    before its handshake lasts the handshake timeout at most (on Python 3.13+ it is
+    aborted at once). From Python 3.12.1 the first one held shutdown forever."""
+    limits = Limits(tls_handshake_timeout=2.0)
+    sock = bind(HOST, 0)
+    built = NumberServer.build(limits)
+    await built.start(sock, server_context(certs.server_cert, certs.server_key))
+    port = address_of(sock)[1]
+    stuck = await RawSocket.connect(port)
+    reader, writer = await asyncio.open_connection(HOST, port, ssl=client_context(ca=certs.ca))
+    try:
+        await eventually(lambda: built.connections.open == 1)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(built.shutdown(grace=0), CALL_TIMEOUT)
+        assert loop.time() - started < limits.tls_handshake_timeout + 2
+        # The server's SETTINGS, then the end of the connection.
+        assert await asyncio.wait_for(reader.read(), CALL_TIMEOUT)
+        assert reader.at_eof()
+        assert (await stuck.read(timeout=CALL_TIMEOUT)).closed
+    finally:
+        writer.close()
+        await stuck.close()
 
 
 # --- mutual TLS --------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality
+from grpclib.exceptions import StreamTerminatedError
 from polling import eventually
 from processes import (
     EXE,
@@ -41,7 +42,7 @@ from processes import (
 )
 from scraping import Scraped, scrape
 
-from number_service import supervisor
+from number_service import NumberClient, supervisor
 from number_service.codec import NumberCodec
 from number_service.service import ACCUMULATE_NUMBERS
 from number_service.supervisor import (
@@ -56,6 +57,7 @@ from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 TIMEOUT = 20.0  # seconds for any one wait on a server
 WORKER_LINE = re.compile(r"worker (\d+) (?:started|restarted): pid (\d+)")
+ANY_READY_LINE = re.compile(r"listening on \[::\]:(\d+)")
 METRICS_LINE = re.compile(r"metrics of all workers on http://127\.0\.0\.1:(\d+)/metrics")
 Start = Callable[..., ServerProcess]
 
@@ -297,6 +299,62 @@ async def test_metrics_of_both_workers_add_up_on_the_parents_endpoint(
     assert server.stop() == 0
 
 
+async def test_streams_of_a_killed_worker_are_counted_as_handled_unavailable(
+    serve_workers: Start,
+) -> None:
+    """kill -9 leaves a worker no chance to count the end of its streams: the parent
+    counts them, as grpc_code Unavailable (what their clients saw), so that started
+    == handled + in flight holds and error-rate dashboards see the crash."""
+    server = serve_workers("--workers", "2", "--metrics-port", "0")
+    port = next(
+        int(match.group(1)) for line in server.stderr.seen if (match := METRICS_LINE.search(line))
+    )
+    labels = frozenset(
+        {
+            ("grpc_type", "bidi_stream"),
+            ("grpc_service", "tutorial.NumberService"),
+            ("grpc_method", "AccumulateNumbers"),
+        }
+    )
+
+    def value(metrics: Scraped, name: str) -> float:
+        return metrics.get((name, labels), 0.0)
+
+    def handled(metrics: Scraped, code: str | None = None) -> float:
+        return sum(
+            value
+            for (name, keys), value in metrics.items()
+            if name == "grpc_server_handled_total"
+            and labels <= keys
+            and (code is None or ("grpc_code", code) in keys)
+        )
+
+    def balanced(metrics: Scraped) -> bool:
+        started = value(metrics, "grpc_server_started_total")
+        return started == handled(metrics) + value(metrics, "grpc_server_streams_in_flight")
+
+    async with asyncio.timeout(TIMEOUT), contextlib.AsyncExitStack() as stack:
+        doomed = [await stream_on(stack, server.port, 1) for _ in range(3)]
+        survivor = await stream_on(stack, server.port, 0)
+        in_flight = "grpc_server_streams_in_flight"
+        await scrape_until(port, lambda m: value(m, in_flight) == 4 and balanced(m))
+        os.kill(worker_pids(server)[1], signal.SIGKILL)
+        await asyncio.to_thread(server.stderr.wait_for, "was killed by SIGKILL")
+        metrics = await scrape_until(
+            port, lambda m: value(m, in_flight) == 1 and handled(m, "Unavailable") == 3
+        )
+        assert balanced(metrics), metrics
+        for stream in doomed:  # their clients saw the connection go
+            with pytest.raises(StreamTerminatedError):
+                await add(stream, 1)
+        assert await add(survivor, 2) == 3
+        await finish(survivor)
+    metrics = await scrape_until(port, lambda m: value(m, in_flight) == 0 and balanced(m))
+    assert handled(metrics, "Unavailable") == 3
+    assert handled(metrics, "OK") == value(metrics, "grpc_server_started_total") - 3
+    assert server.stop() == 0
+
+
 @pytest.mark.parametrize("how", [["--workers", "auto"], ["--workers", "0"], []])
 def test_auto_starts_one_worker_per_core(serve_workers: Start, how: list[str]) -> None:
     env = {} if how else {"NUMBER_SERVICE_WORKERS": "auto"}
@@ -318,6 +376,49 @@ def test_a_bad_worker_count_is_a_usage_error(value: str) -> None:
     result = run("serve", "--port", "0", "--workers", value)
     assert result.returncode == 2
     assert_one_error_line(result.stderr, "--workers")
+
+
+def popen_serve(*args: str) -> subprocess.Popen[str]:
+    """``number-service serve ARGS``, its stderr a pipe, on whatever address ARGS name."""
+    return subprocess.Popen(
+        [str(EXE), "serve", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env_without_buffering(),
+    )
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_serving_on_all_interfaces_takes_ipv4_and_ipv6_clients(workers: str) -> None:
+    """``--host ::`` is all interfaces, as ``serve --help`` says, with or without
+    workers: a client of 127.0.0.1 is served as well as one of ::1."""
+    proc = popen_serve("--host", "::", "--port", "0", "--workers", workers)
+    try:
+        assert proc.stderr is not None
+        stderr = Lines(proc.stderr)
+        match = ANY_READY_LINE.search(stderr.wait_for("listening on", READY_TIMEOUT))
+        assert match is not None, stderr.text()
+        server = ServerProcess(proc, stderr, int(match.group(1)))
+        async with asyncio.timeout(TIMEOUT):
+            for host in (HOST, "::1"):
+                async with NumberClient(host, server.port, timeout=TIMEOUT) as client:
+                    assert [s async for s in client.accumulate([1, 2])] == [1, 3], host
+        assert server.stop() == 0
+    finally:
+        reap(proc)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_all_interfaces_is_refused_when_the_ipv4_port_is_in_use(workers: str) -> None:
+    with socket.socket() as taken:
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--host", "::", "--port", str(port), "--workers", workers)
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, f"[::]:{port}", "in use")
 
 
 def test_a_port_in_use_stops_the_parent_with_one_line() -> None:

@@ -147,7 +147,8 @@ def main() -> None:
 @_serve_option(
     "--host",
     default=server.DEFAULT_HOST,
-    help="Address to listen on; 0.0.0.0 or :: for all interfaces.",
+    help="Address to listen on; 0.0.0.0: all IPv4 interfaces; :: all interfaces, "
+    "IPv4 and IPv6 (dual-stack).",
 )
 @_serve_option(
     "--port",
@@ -451,12 +452,31 @@ async def _accumulate(
     out = sys.stdout
     if out is None:
         raise OSError("stdout is closed")
+    bad: list[InputError] = []
+    if isinstance(source, AsyncIterator):  # stdin: a bad line may come at any time
+        source = _until_bad(source, bad)
     async with NumberClient(host, port, timeout=timeout, ssl=context) as client:
         sums = client.accumulate(source)
         async with contextlib.aclosing(sums):
             async for total in sums:
                 out.write(f"{total}\n")
                 out.flush()
+    if bad:
+        raise bad[0]
+
+
+async def _until_bad(numbers: AsyncIterator[int], bad: list[InputError]) -> AsyncIterator[int]:
+    """``numbers`` up to the first bad one, whose error goes into ``bad``.
+
+    The stream is then half-closed rather than cancelled, so the sums of the
+    numbers already sent still come and are printed before the error, as the
+    server ends a stream: every valid sum, then the error.
+    """
+    try:
+        async for num in numbers:
+            yield num
+    except InputError as err:
+        bad.append(err)
 
 
 @main.command(context_settings={"show_default": True})

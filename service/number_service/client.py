@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import ssl as _ssl  # the parameter of NumberClient is called ssl, as in grpclib
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Callable,
     Collection,
     Iterable,
     Iterator,
     Mapping,
 )
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -58,8 +60,13 @@ _REPLAY_MAX = 1024  # numbers of an iterable kept to replay an unanswered call
 class Retry:
     """Retry connecting, with exponential backoff, while the server cannot be reached.
 
-    Only the connection is retried, never a stream that has started: the server
-    keeps a stream's sum, so a half-done stream cannot be replayed safely.
+    Errors that trying again cannot mend end the call at once: TLS failures (a
+    certificate the client does not trust, say) and a host name that does not
+    resolve, unless the resolver reports a temporary failure (EAI_AGAIN).
+
+    Only connecting is retried: a call is never sent again because of ``Retry``.
+    (With or without it, ``accumulate`` sends a call again once when its connection
+    ended before the server answered anything: see :meth:`NumberClient.accumulate`.)
     """
 
     attempts: int = 10
@@ -161,6 +168,12 @@ class NumberClient:
         To stop early, close the generator (``async with contextlib.aclosing(...)``):
         that cancels the call at once, where a mere ``break`` leaves it to the
         garbage collector.
+
+        Sent again, once, on a new connection (with or without ``retry``, within
+        the same deadline) only if the connection ended before the server answered
+        anything on the call, as gRPC's transparent retry does, and only if the
+        numbers can be had again (see ``_replayable``). A call that had an answer
+        is never sent again: it fails UNAVAILABLE after the sums that came.
         """
         if isinstance(numbers, range):
             for num in (*numbers[:1], *numbers[-1:]):  # its bounds say it all
@@ -205,12 +218,20 @@ class NumberClient:
     ) -> AsyncIterator[Session]:
         """One stream for lock-step use: ``await session.add(n)`` returns the new sum.
 
-        Leaving the block half-closes the stream and waits for the server's OK.
+        ``add`` raises the stream's end (a GRPCError: the server's status, a lost
+        connection, the deadline) as soon as it meets it. Leaving the block
+        half-closes the stream and waits for the server's OK; after an ``add``
+        that raised, there is nothing left to wait for, and leaving is quiet.
         """
-        async with self._call(timeout, metadata) as call:
-            session = Session(call)
-            yield session
-            await session.close()
+        timeout = self.timeout if timeout is None else timeout
+        deadline = None if timeout is None else Deadline.from_timeout(timeout)
+        try:
+            async with self._call(timeout, metadata, deadline) as call:
+                session = Session(call, lambda err: self._status_for(err, timeout, deadline, call))
+                yield session
+                await session.close()
+        except _AlreadyRaisedError:
+            pass
 
     @asynccontextmanager
     async def _call(
@@ -283,6 +304,15 @@ class NumberClient:
                 elif self._owns_channel:
                     message += " (if the server uses TLS, connect with TLS)"
             return _UnansweredError(Status.UNAVAILABLE, message)
+        if isinstance(err, socket.gaierror):
+            return GRPCError(
+                Status.UNAVAILABLE,
+                f"cannot reach {self._target}: cannot resolve {self._host!r}: {err.strerror}",
+            )
+        if isinstance(err, _ssl.SSLError):
+            return GRPCError(
+                Status.UNAVAILABLE, f"cannot reach {self._target}: TLS handshake failed: {err}"
+            )
         if isinstance(err, OSError):
             return GRPCError(Status.UNAVAILABLE, f"cannot reach {self._target}: {err}")
         return GRPCError(
@@ -296,43 +326,104 @@ class NumberClient:
             try:
                 await self.channel.__connect__()
                 return
-            except OSError:
-                delay = next(delays, None)
+            except OSError as err:
+                delay = None if _hopeless(err) else next(delays, None)
                 if delay is None:
                     raise
                 await asyncio.sleep(delay)
 
 
+# getaddrinfo's errors that say the resolver is in trouble, not that the name is
+# unknown: worth trying again. Any other (EAI_NONAME, EAI_NODATA ...) is an answer.
+_RESOLVER_TROUBLE = frozenset({socket.EAI_AGAIN, socket.EAI_MEMORY, socket.EAI_SYSTEM})
+
+
+def _hopeless(err: OSError) -> bool:
+    """Whether connecting again cannot help: a TLS failure (a certificate that is
+    not trusted or not for this host, a server that does not speak TLS), or a host
+    name that does not resolve."""
+    if isinstance(err, _ssl.SSLError):
+        return True
+    return isinstance(err, socket.gaierror) and err.errno not in _RESOLVER_TROUBLE
+
+
 class Session:
     """A stream driven one number at a time; made by :meth:`NumberClient.session`."""
 
-    def __init__(self, call: _Call) -> None:
+    def __init__(self, call: _Call, status_for: Callable[[Exception], GRPCError]) -> None:
+        """``status_for``: the gRPC status for a failure of the transport under ``call``."""
         self._call = call
+        self._status_for = status_for
         self._closed = False
+        self._ended: GRPCError | None = None  # the stream's end, once add() has raised it
 
     async def add(self, num: int) -> int:
-        """Send ``num`` and wait for the running sum that answers it."""
+        """Send ``num`` and wait for the running sum that answers it.
+
+        Raises GRPCError when the stream has ended: the server's status and message
+        (OUT_OF_RANGE when the sum would leave int32), or UNAVAILABLE,
+        DEADLINE_EXCEEDED; later calls raise RuntimeError.
+        """
         check_int32(num)
         if self._closed:
             raise RuntimeError("session is closed")
-        with _transport():
+        try:
             await self._call.send_message(NumberRequest(num=num))
             response = await self._call.recv_message()
             if response is None:
-                self._closed = True
                 raise _ended_early()
+        except Exception as err:
+            self._closed = True
+            self._ended = self._status(err)
+            raise self._ended from err
         return response.sum
 
     async def close(self) -> None:
         """Half-close the stream and wait for the server's final status."""
+        if self._ended is not None:
+            raise _AlreadyRaisedError
         if not self._closed:
             self._closed = True
-            with _transport():
+            try:
                 await self._call.end()
                 # Also reads the response headers, which a session with no add() lacks.
                 if await self._call.recv_message() is not None:
                     raise GRPCError(Status.INTERNAL, "server answered a request never sent")
                 await self._call.recv_trailing_metadata()
+            except Exception as err:
+                raise self._status(err) from err
+
+    def _status(self, err: Exception) -> GRPCError:
+        """The status ``err`` means: for a stream that ended, the server's, if it
+        sent one (as grpclib's own Stream.__aexit__ decides), else the transport's;
+        a deadline that passed is DEADLINE_EXCEEDED, whatever came meanwhile."""
+        if isinstance(err, GRPCError):
+            return err
+        if isinstance(err, StreamTerminatedError) and (status := _servers_status(self._call)):
+            return status
+        return self._status_for(err)
+
+
+class _AlreadyRaisedError(Exception):
+    """Leaves a session's block quietly: add() has raised the stream's end already,
+    so there is no status left to wait for (grpclib would wait for trailers again)."""
+
+
+def _servers_status(call: _Call) -> GRPCError | None:
+    """The non-OK status in trailers the server sent on ``call``, if any came.
+
+    A server ends a stream the client still sends on with trailers and then
+    RST_STREAM (gRPC's HTTP/2 protocol); grpclib then raises "Stream reset by
+    remote party" from send_message and recv_message, and recv_trailing_metadata
+    raises it too, though the trailers were received. grpclib #75 fixed this for
+    recv_initial_metadata only; its own Stream.__aexit__ reads such trailers with
+    the private ``_maybe_raise``, used here for want of a public way.
+    """
+    try:
+        call._maybe_raise()
+    except GRPCError as err:
+        return err
+    return None
 
 
 # grpclib's reasons for ending every stream of a connection (grpclib.protocol).
@@ -382,15 +473,6 @@ def _replayable(
 # Marks an exception that grpclib raised under a call, as opposed to one of the
 # caller's own passing through the call's block: only the former becomes a status.
 _TRANSPORT = "_number_service_transport"
-
-
-@contextmanager
-def _transport() -> Iterator[None]:
-    try:
-        yield
-    except Exception as err:
-        setattr(err, _TRANSPORT, True)
-        raise
 
 
 def _ended_early() -> StreamTerminatedError:

@@ -12,7 +12,8 @@ except keepalive, whose options are experimental and underscore-named):
   over ``max_connections`` with a GOAWAY, advertises ``max_concurrent_streams`` in
   the server's HTTP/2 SETTINGS (a stream over it gets RST_STREAM REFUSED_STREAM),
   and closes a connection that has had no stream for ``idle_timeout`` seconds,
-  also with a GOAWAY.
+  also with a GOAWAY. It also closes every connection when the server shuts down
+  (:meth:`Connections.close`), which grpclib leaves to the clients.
 
 Keepalive pings (and closing a peer that does not answer them) are grpclib's own,
 configured by :meth:`Limits.grpclib_config`.
@@ -24,7 +25,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from grpclib.config import Configuration
 from grpclib.protocol import H2Protocol
@@ -48,6 +49,7 @@ DEFAULT_KEEPALIVE_TIME = 300.0  # seconds between pings on each connection
 DEFAULT_KEEPALIVE_TIMEOUT = 20.0  # seconds for a ping's answer; gRPC's default
 DEFAULT_IDLE_TIMEOUT = None  # off, as gRPC's MaxConnectionIdle: see Limits.idle_timeout
 DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds a TLS client has to finish its handshake
+CLOSE_WAIT = 1.0  # seconds a connection closed at shutdown gets to write what it holds
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,8 @@ class Connections:
         self.refused = 0  # connections refused at the cap, in all
         self.idle_closed = 0  # connections closed by the idle timeout, in all
         self._refused_in_burst = 0  # refused since the cap was last reached
+        self.closing = False  # close() was called: connections made from now on are refused
+        self._live: set[_Guarded] = set()  # every connection made and not yet lost
         factory: Callable[[], H2Protocol] = server._protocol_factory
         setattr(server, "_protocol_factory", lambda: _Guarded(self, factory))  # noqa: B010
 
@@ -163,6 +167,27 @@ class Connections:
         self.open += 1
         return True
 
+    async def close(self, timeout: float = CLOSE_WAIT) -> None:
+        """Close every connection, and any made from now on; return once all are gone.
+
+        From Python 3.12.1 asyncio's ``Server.wait_closed()`` waits for every
+        connection to end (cpython issue #104344), and grpclib's ``Server.close()``
+        only cancels the handlers (grpclib issue #107): a client that keeps its
+        connection open would hold a shutdown forever. Call this after the streams
+        are done or cancelled. Each connection is closed once what it holds is
+        written (the trailers of streams a drain ended go out first); one whose
+        peer does not read is aborted after ``timeout`` seconds.
+        """
+        self.closing = True
+        live = list(self._live)
+        for connection in live:
+            connection.close()
+        lost = [connection.lost for connection in live if connection.lost is not None]
+        if lost:
+            await asyncio.wait(lost, timeout=timeout)
+        for connection in live:
+            connection.abort()  # those still open: the peer stopped reading
+
 
 class _Guarded(asyncio.Protocol):
     """One connection: grpclib's H2Protocol inside, with our limits around it."""
@@ -173,12 +198,22 @@ class _Guarded(asyncio.Protocol):
         self._inner: H2Protocol | None = None  # None: refused, or not yet made
         self._transport: asyncio.BaseTransport | None = None
         self._idle: asyncio.TimerHandle | None = None
+        self.lost: asyncio.Future[None] | None = None  # done once the connection is gone
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
+        self.lost = asyncio.get_running_loop().create_future()
+        self._connections._live.add(self)
         limits = self._connections.limits
+        if self._connections.closing:  # made after close(): a TLS handshake just done
+            _refuse(transport, "server is shutting down; try again later")
+            return
         if not self._connections.admit():
-            _refuse(transport, limits.max_connections)
+            _refuse(
+                transport,
+                f"too many connections (--max-connections {limits.max_connections}); "
+                "try again later",
+            )
             return
         inner = self._inner = self._factory()
         inner.connection_made(transport)
@@ -242,6 +277,30 @@ class _Guarded(asyncio.Protocol):
         # the GOAWAY back (coalesce.py) and sends it before it closes.
         inner.connection.close()
 
+    def close(self) -> None:
+        """Close the connection once what it holds is written (see Connections.close).
+
+        No GOAWAY: a grpclib client fails every stream still open on its side when
+        it reads one, and a draining GOAWAY is a change of its own. This close is
+        what the end of the process used to do, FIN after everything written.
+        """
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        self._stop_idle()
+        if self._inner is None:
+            transport.close()
+        else:
+            # Through grpclib's connection: it stops the keepalive, and its transport
+            # may hold writes back (coalesce.py), which it sends before it closes.
+            self._inner.connection.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once, whatever it still holds."""
+        if self._transport is not None:
+            # A stream transport, though not always an asyncio one (see coalesce.py).
+            cast(asyncio.WriteTransport, self._transport).abort()
+
     def data_received(self, data: bytes) -> None:
         if self._inner is not None:
             self._inner.data_received(data)
@@ -264,6 +323,9 @@ class _Guarded(asyncio.Protocol):
             self._inner.connection_lost(exc)
             self._inner = None
         self._transport = None
+        self._connections._live.discard(self)
+        if self.lost is not None and not self.lost.done():
+            self.lost.set_result(None)
 
 
 def _h2(protocol: H2Protocol) -> H2Connection:
@@ -301,15 +363,11 @@ def _refuse_streams_over_limit(h2: H2Connection) -> None:
     table[HeadersFrame] = refusing
 
 
-def _refuse(transport: asyncio.BaseTransport, cap: int | None) -> None:
-    """Tell a client over the cap to go away (no stream was processed), then close."""
+def _refuse(transport: asyncio.BaseTransport, reason: str) -> None:
+    """Tell a client to go away (no stream was processed) because of ``reason``, then close."""
     h2 = H2Connection(H2Configuration(client_side=False))
     h2.initiate_connection()
-    h2.close_connection(
-        ErrorCodes.NO_ERROR,
-        f"too many connections (--max-connections {cap}); try again later".encode(),
-        last_stream_id=0,
-    )
+    h2.close_connection(ErrorCodes.NO_ERROR, reason.encode(), last_stream_id=0)
     assert isinstance(transport, asyncio.WriteTransport)
     transport.write(h2.data_to_send())
     transport.close()

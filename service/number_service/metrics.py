@@ -21,6 +21,7 @@ from wsgiref.simple_server import WSGIServer
 from grpclib.const import Status
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client import values as prometheus_values
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .streams import StreamRecord, Streams
 
@@ -49,6 +50,8 @@ GO_CODE_NAMES = {
 GO_DEFAULT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 _LABELS = ("grpc_type", "grpc_service", "grpc_method")
+IN_FLIGHT = "grpc_server_streams_in_flight"
+_UNAVAILABLE = GO_CODE_NAMES[Status.UNAVAILABLE]
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable
 
@@ -80,12 +83,7 @@ class Metrics:
         self.started = Counter(
             "grpc_server_started_total", "RPCs started on the server.", _LABELS, registry=reg
         )
-        self.handled = Counter(
-            "grpc_server_handled_total",
-            "RPCs completed on the server, regardless of success or failure.",
-            (*_LABELS, "grpc_code"),
-            registry=reg,
-        )
+        self.handled = _handled(reg)
         self.received = Counter(
             "grpc_server_msg_received_total",
             "Stream messages received by the server.",
@@ -107,7 +105,7 @@ class Metrics:
             registry=reg,
         )
         self.in_flight = Gauge(
-            "grpc_server_streams_in_flight",
+            IN_FLIGHT,
             "Streams open on the server now.",
             _LABELS,
             registry=reg,
@@ -150,6 +148,48 @@ class Metrics:
 
 def _values(record: StreamRecord) -> tuple[str, str, str]:
     return record.grpc_type, record.service, record.method_name
+
+
+def _handled(registry: CollectorRegistry | None) -> Counter:
+    return Counter(
+        "grpc_server_handled_total",
+        "RPCs completed on the server, regardless of success or failure.",
+        (*_LABELS, "grpc_code"),
+        registry=registry,
+    )
+
+
+class LostStreams:
+    """The supervisor's count of streams that a dead worker had in flight.
+
+    A worker killed (``kill -9``, the OOM killer) never counts the end of its
+    streams; their clients saw UNAVAILABLE. Once the worker is gone, its in-flight
+    gauge values are read from its multiprocess file and added to
+    ``grpc_server_handled_total`` with ``grpc_code="Unavailable"``, in this
+    process's own counter file in the same directory, so that started == handled
+    + in flight still holds. Call :meth:`count` before ``mark_process_dead``
+    removes that file.
+    """
+
+    def __init__(self, multiprocess_dir: str) -> None:
+        """Count into ``multiprocess_dir``; makes this process's metric values live there."""
+        use_values(multiprocess_dir)
+        self.directory = multiprocess_dir
+        self._handled = _handled(None)  # the directory's collector reads it, no registry
+
+    def count(self, pid: int) -> int:
+        """Count the streams worker ``pid`` (ended) left in flight; returns how many."""
+        path = os.path.join(self.directory, f"gauge_livesum_{pid}.db")
+        if not os.path.exists(path):  # it never started a stream
+            return 0
+        lost = 0.0
+        for family in MultiProcessCollector.merge([path]):  # type: ignore[no-untyped-call]
+            for sample in family.samples:
+                if sample.name == IN_FLIGHT and sample.value > 0:
+                    labels = [sample.labels[name] for name in _LABELS]
+                    self._handled.labels(*labels, _UNAVAILABLE).inc(sample.value)
+                    lost += sample.value
+        return int(lost)
 
 
 class MetricsEndpoint:

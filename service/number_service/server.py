@@ -26,6 +26,7 @@ from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.server import Server
 
+from .addresses import host_port
 from .codec import NumberCodec
 from .limits import DEFAULT_TLS_HANDSHAKE_TIMEOUT, Connections, Limits
 from .logs import log_stream_end
@@ -72,8 +73,8 @@ class NumberServer:
     server: Server
     streams: Streams
     health: ServiceStatus
+    connections: Connections  # open connections and their limits; shutdown closes them
     metrics: Metrics = field(default_factory=Metrics)
-    connections: Connections | None = None  # open connections and their limits
     tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT  # seconds, under TLS
 
     @classmethod
@@ -118,7 +119,8 @@ class NumberServer:
 
     async def shutdown(self, grace: float) -> None:
         """Drain: NOT_SERVING, no new connections or streams, in-flight streams get
-        ``grace`` seconds to finish; those left end with UNAVAILABLE."""
+        ``grace`` seconds to finish; those left end with UNAVAILABLE. Then every
+        connection is closed, so that clients holding one cannot keep it waiting."""
         self.health.set(False)
         # grpclib has no public way to stop listening alone; close() would also
         # cancel every stream at once (plain grpclib can do no better).
@@ -129,7 +131,18 @@ class NumberServer:
         ended = await self.streams.drain(grace)
         if ended:
             log.warning("grace period over: ended %d stream(s) with UNAVAILABLE", ended)
+        # Cancels what still runs (health Watch streams, say) and closes every
+        # connection (coalesce.py): from Python 3.12.1 wait_closed() waits for them.
         self.server.close()
+        # Aborts connections that cannot write what they hold, refuses any whose
+        # TLS handshake ends now, and returns once all are gone.
+        await self.connections.close()
+        # What is left is TLS connections still in their handshake, which have no
+        # protocol of ours yet: their handshake timeout ends them, or this at once
+        # (asyncio.Server.abort_clients, Python 3.13+).
+        abort_clients = getattr(self.server._server, "abort_clients", None)
+        if abort_clients is not None:
+            abort_clients()
         await self.server.wait_closed()
 
 
@@ -141,7 +154,13 @@ def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:
     """
     with listen_errors(host, port):
         family, address = resolve(host, port)
-        listener = socket.create_server(address, family=family, backlog=128, reuse_port=reuse_port)
+        listener = socket.create_server(
+            address,
+            family=family,
+            backlog=128,
+            reuse_port=reuse_port,
+            dualstack_ipv6=dual_stack(family, address),
+        )
         # create_server leaves proto 0, and asyncio sets TCP_NODELAY on accepted
         # sockets only when proto is IPPROTO_TCP: without it, Nagle plus delayed
         # ACKs held each lock-step answer ~40 ms. Re-wrap the fd with the right proto.
@@ -155,27 +174,29 @@ def resolve(host: str, port: int) -> tuple[socket.AddressFamily, tuple[str, int]
     return family, (str(address[0]), int(address[1]))
 
 
+def dual_stack(family: int, address: tuple[str, int]) -> bool:
+    """Whether a socket on ``address`` takes IPv4 connections too: on ``::`` (all
+    interfaces) it does, where the system can (IPV6_V6ONLY off); any other IPv6
+    address is IPv6 only."""
+    return family == socket.AF_INET6 and address[0] == "::" and socket.has_dualstack_ipv6()
+
+
 @contextmanager
 def listen_errors(host: str, port: int) -> Iterator[None]:
     """Turn a failure to resolve or bind host:port into one OSError that names it."""
     try:
         yield
     except socket.gaierror as err:  # its errno is not an os.strerror one
-        raise OSError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+        raise OSError(f"cannot listen on {host_port(host, port)}: {err.strerror}") from None
     except OSError as err:
         reason = os.strerror(err.errno) if err.errno else str(err)
-        raise OSError(f"cannot listen on {host}:{port}: {reason}") from None
+        raise OSError(f"cannot listen on {host_port(host, port)}: {reason}") from None
 
 
 def address_of(sock: socket.socket) -> tuple[str, int]:
     """The host and port a bound socket really listens on."""
     host, port = sock.getsockname()[:2]
     return str(host), int(port)
-
-
-def host_port(host: str, port: int) -> str:
-    """``host:port``, with brackets around an IPv6 host."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def serve(config: ServeConfig | None = None) -> None:

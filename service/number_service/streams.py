@@ -27,6 +27,7 @@ from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
+from .addresses import peer_address
 from .serving import grpclib_ext
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class Streams:
         record = StreamRecord(
             method=event.method_name,
             grpc_type=self._types.get(event.method_name, "unknown"),
-            peer=f"{addr[0]}:{addr[1]}" if addr else "unknown",
+            peer=peer_address(addr) if addr else "unknown",
         )
         self._live[task] = record
         if event.method_name in self._drained:

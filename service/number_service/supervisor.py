@@ -20,7 +20,9 @@ start. After ``ready`` the parent keeps reading (and dropping) a worker's stdout
 that a worker that prints cannot block on a full pipe.
 
 With --metrics-port, workers write prometheus-client's multiprocess files to a
-temporary directory, and the parent serves their sum; workers have no endpoint. The
+temporary directory, and the parent serves their sum; workers have no endpoint.
+The streams a dead worker had in flight are counted as handled, Unavailable, by
+the parent (``metrics.LostStreams``), since the worker could not. The
 parent removes the directory when it stops, and holds a lock on it while it runs:
 one left by a parent that was killed is unlocked, and the next parent that starts
 with metrics removes it.
@@ -45,8 +47,9 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from .metrics import MULTIPROC_ENV, MetricsEndpoint
-from .server import ServeConfig, address_of, host_port, listen_errors, resolve
+from .addresses import host_port
+from .metrics import MULTIPROC_ENV, LostStreams, MetricsEndpoint
+from .server import ServeConfig, address_of, dual_stack, listen_errors, resolve
 from .worker import HURRY_SIGNAL, READY, WORKER_ENV
 
 log = logging.getLogger("number_service")
@@ -143,10 +146,11 @@ def reserve(host: str, port: int) -> socket.socket:
     """
     with listen_errors(host, port):
         family, address = resolve(host, port)
+        both = dual_stack(family, address)
         if port:
-            with _tcp_socket(family, reuse_port=False) as probe:
+            with _tcp_socket(family, reuse_port=False, dual_stack=both) as probe:
                 probe.bind(address)
-        sock = _tcp_socket(family, reuse_port=True)
+        sock = _tcp_socket(family, reuse_port=True, dual_stack=both)
         try:
             sock.bind(address)
         except OSError:
@@ -155,12 +159,14 @@ def reserve(host: str, port: int) -> socket.socket:
         return sock
 
 
-def _tcp_socket(family: int, *, reuse_port: bool) -> socket.socket:
-    """A TCP socket set up as ``socket.create_server`` sets up the workers' ones."""
+def _tcp_socket(family: int, *, reuse_port: bool, dual_stack: bool) -> socket.socket:
+    """A TCP socket set up as ``socket.create_server`` sets up the workers' ones
+    (``server.bind``). Dual-stack (``::``), the reservation holds the IPv4 port as
+    well, and the probe finds it taken when anything has it on IPv4."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dual_stack else 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     return sock
@@ -190,6 +196,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._address = ""
         self._listening = False
+        self._lost: LostStreams | None = None  # with --metrics-port
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (exit code 0) or until workers cannot start (1)."""
@@ -203,6 +210,7 @@ class Supervisor:
         try:
             if self.config.metrics_port is not None:
                 metrics_dir, lock = make_metrics_dir()
+                self._lost = LostStreams(metrics_dir)
                 registry = CollectorRegistry()
                 MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
                 host = self.config.metrics_host
@@ -261,6 +269,8 @@ class Supervisor:
                 if discard is not None:
                     await discard
                 if metrics_dir is not None:  # its in-flight gauge no longer counts
+                    if self._lost is not None:
+                        self._lost.count(proc.pid)  # the streams it could not count
                     mark_process_dead(proc.pid, metrics_dir)  # type: ignore[no-untyped-call]
                 how = describe_exit(code)
                 if self._stop.is_set():

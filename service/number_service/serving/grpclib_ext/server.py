@@ -29,10 +29,17 @@ from .stream import Counter, StreamLimits
 
 
 class _CoalescingProtocol(H2Protocol):
+    live: set[_CoalescingProtocol]  # its server's open connections
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A stream transport, though not always an asyncio.Transport subclass
         # (uvloop's is not): only its methods are used.
         super().connection_made(CoalescingTransport(cast(asyncio.Transport, transport)))
+        self.live.add(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.live.discard(self)
+        super().connection_lost(exc)
 
 
 class Server(GrpclibServer):
@@ -53,6 +60,7 @@ class Server(GrpclibServer):
         self.stream_limits = StreamLimits() if limits is None else limits
         #: Told the messages of every stream, in batches (see ``stream.Counter``).
         self.counter: Counter | None = None
+        self._live: set[_CoalescingProtocol] = set()
 
     def _protocol_factory(self) -> H2Protocol:
         self.__gc_step__()
@@ -65,7 +73,18 @@ class Server(GrpclibServer):
             counter=self.counter,
         )
         self._handlers.add(handler)
-        return _CoalescingProtocol(handler, self._config, self._h2_config)
+        protocol = _CoalescingProtocol(handler, self._config, self._h2_config)
+        protocol.live = self._live
+        return protocol
+
+    def close(self) -> None:
+        """Stop listening and cancel every handler (grpclib's close), then close every
+        connection once what it holds is written. grpclib leaves connections to the
+        clients, and from Python 3.12.1 ``wait_closed()`` waits for every one of them
+        (cpython issue #104344): a client that stayed connected held it forever."""
+        super().close()
+        for protocol in list(self._live):
+            protocol.connection.close()
 
     async def start_on(
         self,
