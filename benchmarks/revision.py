@@ -148,7 +148,9 @@ def prepare(rev: str, cache: Path) -> Revision:
         if built.returncode != 0:
             tail = "\n".join((built.stderr or built.stdout).strip().splitlines()[-15:])
             raise RevisionError(f"{rev}: its ./dev serve --help failed in {path}:\n{tail}")
-        python = path / ".venv" / "bin" / "python"
+        # A ./dev that knows PYTHON puts its venv in .venv-X.Y; an older one in .venv.
+        versioned = path / f".venv-{sys.version_info[0]}.{sys.version_info[1]}" / "bin" / "python"
+        python = versioned if versioned.exists() else path / ".venv" / "bin" / "python"
         where = subprocess.run(
             [
                 str(python),
