@@ -22,11 +22,11 @@ from rawh2 import H2Client, Reply, grpc_message
 
 from number_service.codec import NumberCodec, decode_int32_field, encode_int32_field
 from number_service.pytest_plugin import RunningServer
-from number_service.server import NumberServer, address_of, bind
 from number_service.service import NumberService
 from number_service.serving.grpclib_ext import BATCH, mismatch
 from number_service.serving.grpclib_ext import Server as BatchingServer
-from number_service.streams import TRAILERS_WAIT, StreamRecord
+from number_service.serving.run import NumberServer, address_of, bind
+from number_service.serving.streams import TRAILERS_WAIT, StreamRecord
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 TIMEOUT = 5.0

@@ -19,7 +19,7 @@ from rawh2 import DATA, GOAWAY, PREFACE, SETTINGS, frame, parse_frames
 
 from number_service import INT32_MAX, INT32_MIN, NumberClient, NumberServer, Retry
 from number_service.pytest_plugin import RunningServer
-from number_service.server import bind
+from number_service.serving.run import bind
 
 
 def received_messages(server: RunningServer) -> list[object]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from number_service import NumberClient
-from number_service.server import NumberServer, address_of, bind
 from number_service.serving.grpclib_ext.coalesce import CoalescingTransport
+from number_service.serving.run import NumberServer, address_of, bind
 
 
 class Recording(asyncio.Transport):

@@ -49,7 +49,7 @@ from processes import HOST, reap, start_server
 
 from number_service import ACCUMULATE_NUMBERS, NumberClient
 from number_service.pytest_plugin import RunningServer
-from number_service.streams import StreamRecord
+from number_service.serving.streams import StreamRecord
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 TIMEOUT = 10.0  # seconds: the bound on every wait that should take far less

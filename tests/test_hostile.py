@@ -67,8 +67,8 @@ from rawh2 import (
 from number_service import INT32_MAX, INT32_MIN, NumberClient, NumberServer
 from number_service.codec import decode_int32_field, encode_int32_field
 from number_service.pytest_plugin import RunningServer
-from number_service.server import address_of, bind
-from number_service.streams import StreamRecord
+from number_service.serving.run import address_of, bind
+from number_service.serving.streams import StreamRecord
 
 HEALTH_NUMBERS = [5, -2, 40, 0, INT32_MAX - 43]
 UNDECODABLE = "request could not be decoded as tutorial.NumberRequest: "

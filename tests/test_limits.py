@@ -38,9 +38,9 @@ from rawh2 import (
 
 from number_service import NumberClient
 from number_service.codec import encode_int32_field as num  # a NumberRequest's bytes
-from number_service.limits import DEFAULT_MAX_MESSAGE_SIZE, Limits
-from number_service.server import NumberServer, address_of, bind
 from number_service.service import ACCUMULATE_NUMBERS
+from number_service.serving.limits import DEFAULT_MAX_MESSAGE_SIZE, Limits
+from number_service.serving.run import NumberServer, address_of, bind
 
 HOST = "127.0.0.1"
 TIMEOUT = 10.0  # seconds: the longest any one wait here may take

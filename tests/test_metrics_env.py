@@ -17,7 +17,7 @@ from processes import reap, run, start_server
 
 from number_service import NumberClient
 from number_service.pytest_plugin import RunningServer
-from number_service.streams import StreamRecord
+from number_service.serving.streams import StreamRecord
 
 TIMEOUT = 20.0
 
@@ -68,7 +68,7 @@ async def test_a_failing_listener_neither_fails_the_call_nor_floods_the_log(
     for listeners in (streams.on_start, streams.on_messages, streams.on_end):
         listeners.insert(0, broken)  # before the others: they must still run
     streams.on_end.append(calls.append)
-    caplog.set_level(logging.ERROR, logger="number_service.streams")
+    caplog.set_level(logging.ERROR, logger="number_service.serving.streams")
     async with NumberClient(number_server.host, number_server.port, timeout=TIMEOUT) as client:
         for _ in range(3):
             # Lock-step: each answer is a batch of its own, so on_messages runs 4 times.
@@ -78,7 +78,7 @@ async def test_a_failing_listener_neither_fails_the_call_nor_floods_the_log(
             await eventually(lambda: len(calls) == 3)
     assert [record.received for record in calls] == [4, 4, 4]
     # Once per list, with its traceback; the 10th failure of on_messages is one line more.
-    errors = [r for r in caplog.records if r.name == "number_service.streams"]
+    errors = [r for r in caplog.records if r.name == "number_service.serving.streams"]
     first = [r for r in errors if r.exc_info is not None]
     assert len(first) == 3, [r.getMessage() for r in errors]
     assert all("broken" in r.getMessage() and "failed" in r.getMessage() for r in errors)

@@ -22,7 +22,7 @@ from number_service import (
     NumberService,
 )
 from number_service.pytest_plugin import RunningServer
-from number_service.server import address_of, bind
+from number_service.serving.run import address_of, bind
 
 
 class RawCodec(CodecBase):

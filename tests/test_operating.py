@@ -35,9 +35,9 @@ from processes import (
 from scraping import scrape
 
 from number_service import INT32_MAX, NumberClient, healthcheck
-from number_service.metrics import MetricsEndpoint
 from number_service.pytest_plugin import RunningServer
-from number_service.server import NumberServer, address_of, bind
+from number_service.serving.metrics import MetricsEndpoint
+from number_service.serving.run import NumberServer, address_of, bind
 
 SERVICE = "tutorial.NumberService"
 TIMEOUT = 10.0
@@ -211,7 +211,7 @@ async def test_metrics_show_streams_in_flight(
 
 
 def stream_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "number_service.streams"]
+    return [r for r in caplog.records if r.name == "number_service.serving.streams"]
 
 
 async def wait_for_lines(caplog: pytest.LogCaptureFixture, count: int) -> list[logging.LogRecord]:

@@ -37,10 +37,10 @@ from processes import HOST, assert_one_error_line, free_port, reap, run, start_s
 from rawh2 import H2Client, RawSocket
 
 from number_service import NumberClient, Retry
-from number_service.limits import Limits
-from number_service.server import NumberServer, address_of, bind
-from number_service.tls import TLSConfig, TLSFileError, client_context, server_context
-from number_service.worker import WORKER_HEADER
+from number_service.serving.limits import Limits
+from number_service.serving.run import NumberServer, address_of, bind
+from number_service.serving.tls import TLSConfig, TLSFileError, client_context, server_context
+from number_service.serving.worker import WORKER_HEADER
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 CALL_TIMEOUT = 10.0  # seconds for every call, so that no test can hang

@@ -42,17 +42,18 @@ from processes import (
 )
 from scraping import Scraped, scrape
 
-from number_service import NumberClient, supervisor
+from number_service import NumberClient
 from number_service.codec import NumberCodec
 from number_service.service import ACCUMULATE_NUMBERS
-from number_service.supervisor import (
+from number_service.serving import supervisor
+from number_service.serving.supervisor import (
     METRICS_DIR_PREFIX,
     cpu_count,
     make_metrics_dir,
     parse_cpu_max,
     remove_stale_metrics_dirs,
 )
-from number_service.worker import WORKER_HEADER
+from number_service.serving.worker import WORKER_HEADER
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 TIMEOUT = 20.0  # seconds for any one wait on a server
@@ -538,8 +539,8 @@ import os, time
 if os.environ.get("NUMBER_SERVICE_WORKER_INDEX"):
     time.sleep(3600)  # never gets as far as listening
 else:
-    import number_service.supervisor
-    number_service.supervisor.READY_TIMEOUT = 1.0
+    import number_service.serving.supervisor
+    number_service.serving.supervisor.READY_TIMEOUT = 1.0
 """
 
 
@@ -554,7 +555,7 @@ def test_a_worker_that_never_gets_ready_is_killed_and_stops_the_parent(tmp_path:
 
 CHATTY_WORKERS = """
 import os, threading
-from number_service import worker
+from number_service.serving import worker
 
 def chatter(marker):
     for _ in range(64):  # 4 MiB, far more than a pipe holds

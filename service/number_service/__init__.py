@@ -2,9 +2,9 @@
 
 from .accumulator import INT32_MAX, INT32_MIN, Accumulator, SumOutOfRangeError, check_int32
 from .client import NumberClient, Retry, Session
-from .server import NumberServer, ServeConfig, create_server, serve
 from .service import ACCUMULATE_NUMBERS, NumberService
-from .tls import TLSConfig, client_context, server_context
+from .serving.run import NumberServer, ServeConfig, create_server, serve
+from .serving.tls import TLSConfig, client_context, server_context
 
 __all__ = [
     "ACCUMULATE_NUMBERS",

@@ -20,10 +20,12 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 from grpclib.exceptions import GRPCError
 
-from . import healthcheck, limits, logs, metrics, server, supervisor, tls
+from . import healthcheck
 from .accumulator import check_int32
 from .client import NumberClient
-from .worker import Worker
+from .serving import limits, logs, metrics, supervisor, tls
+from .serving import run as server
+from .serving.worker import Worker
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _INTEGER = re.compile(r"[+-]?[0-9]+")

@@ -42,8 +42,8 @@ from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 from .accumulator import check_int32
 from .codec import NumberCodec
-from .server import DEFAULT_HOST, DEFAULT_PORT
 from .service import ACCUMULATE_NUMBERS
+from .serving.run import DEFAULT_HOST, DEFAULT_PORT
 
 Metadata = Mapping[str, str | bytes] | Collection[tuple[str, str | bytes]]
 Numbers = Iterable[int] | AsyncIterable[int]

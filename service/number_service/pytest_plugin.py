@@ -34,8 +34,8 @@ else:
 
     from .client import NumberClient
     from .codec import NumberCodec
-    from .server import NumberServer, address_of, bind
     from .service import NumberService
+    from .serving.run import NumberServer, address_of, bind
 
     @dataclass(frozen=True)
     class RunningServer:

@@ -49,7 +49,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from .addresses import host_port
 from .metrics import MULTIPROC_ENV, LostStreams, MetricsEndpoint
-from .server import ServeConfig, address_of, dual_stack, listen_errors, resolve
+from .run import ServeConfig, address_of, dual_stack, listen_errors, resolve
 from .worker import HURRY_SIGNAL, READY, WORKER_ENV
 
 log = logging.getLogger("number_service")

@@ -15,12 +15,13 @@ from typing import Literal
 from grpclib.const import Status
 from pythonjsonlogger.json import JsonFormatter
 
+from . import streams
 from .streams import StreamRecord
 
 LogFormat = Literal["text", "json"]
 
 log = logging.getLogger("number_service")
-stream_log = logging.getLogger("number_service.streams")
+stream_log = logging.getLogger(streams.__name__)  # the stream lines share its logger
 
 # Statuses that point at the server rather than at what the client did.
 _SERVER_FAULTS = {Status.UNKNOWN, Status.INTERNAL, Status.DATA_LOSS}

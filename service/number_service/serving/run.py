@@ -26,14 +26,14 @@ from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.server import Server
 
+from ..codec import NumberCodec
+from ..service import ACCUMULATE_NUMBERS, NumberService
+from . import grpclib_ext
 from .addresses import host_port
-from .codec import NumberCodec
 from .limits import DEFAULT_TLS_HANDSHAKE_TIMEOUT, Connections, Limits
 from .logs import log_stream_end
 from .metrics import Metrics, MetricsEndpoint
 from .reflection import with_reflection
-from .service import ACCUMULATE_NUMBERS, NumberService
-from .serving import grpclib_ext
 from .streams import Streams
 from .tls import TLSConfig
 from .worker import Worker

@@ -38,7 +38,7 @@ from h2.settings import SettingCodes
 from h2.stream import StreamClosedBy
 from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
 
-from .serving.grpclib_ext import StreamLimits
+from .grpclib_ext import StreamLimits
 
 log = logging.getLogger("number_service.limits")
 

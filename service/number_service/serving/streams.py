@@ -27,8 +27,8 @@ from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
+from . import grpclib_ext
 from .addresses import peer_address
-from .serving import grpclib_ext
 
 log = logging.getLogger(__name__)
 
