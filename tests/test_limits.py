@@ -296,6 +296,8 @@ async def test_shutdown_closes_every_connection_left_open() -> None:
     the clients, and from Python 3.12.1 its wait_closed() waited for them forever."""
     sock = bind(HOST, 0)
     built = NumberServer.build()
+    connections = built.connections
+    assert connections is not None
     await built.start(sock)
     port = address_of(sock)[1]
     silent = await RawSocket.connect(port)
@@ -306,9 +308,9 @@ async def test_shutdown_closes_every_connection_left_open() -> None:
         busy.send_data(stream, grpc_message(num(7)))
         reply = busy.replies[stream]
         await busy.read_until(lambda: sums(reply.messages) == [7])
-        await eventually(lambda: built.connections.open == 3)
+        await eventually(lambda: connections.open == 3)
         await asyncio.wait_for(built.shutdown(grace=0), TIMEOUT)
-        assert built.connections.open == 0
+        assert connections.open == 0
         await busy.read_until(lambda: False)  # to the end of the connection
         assert reply.ended, "the stream was cut off before its trailers"
         assert reply.grpc_status == Status.UNAVAILABLE.value

@@ -230,12 +230,14 @@ async def test_shutdown_closes_tls_connections_left_open(certs: Certs) -> None:
     limits = Limits(tls_handshake_timeout=2.0)
     sock = bind(HOST, 0)
     built = NumberServer.build(limits)
+    connections = built.connections
+    assert connections is not None
     await built.start(sock, server_context(certs.server_cert, certs.server_key))
     port = address_of(sock)[1]
     stuck = await RawSocket.connect(port)
     reader, writer = await asyncio.open_connection(HOST, port, ssl=client_context(ca=certs.ca))
     try:
-        await eventually(lambda: built.connections.open == 1)
+        await eventually(lambda: connections.open == 1)
         loop = asyncio.get_running_loop()
         started = loop.time()
         await asyncio.wait_for(built.shutdown(grace=0), CALL_TIMEOUT)

@@ -30,7 +30,7 @@ from ..codec import NumberCodec
 from ..service import ACCUMULATE_NUMBERS, NumberService
 from . import grpclib_ext
 from .addresses import host_port
-from .limits import DEFAULT_TLS_HANDSHAKE_TIMEOUT, Connections, Limits
+from .limits import Limits
 from .logs import log_stream_end
 from .metrics import Metrics, MetricsEndpoint
 from .reflection import with_reflection
@@ -43,6 +43,7 @@ log = logging.getLogger("number_service")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 50051
 DEFAULT_GRACE = 10.0
+STOP_WAIT = 5.0  # seconds past the grace period that a shutdown waits for connections
 
 
 def create_server() -> Server:
@@ -73,9 +74,8 @@ class NumberServer:
     server: Server
     streams: Streams
     health: ServiceStatus
-    connections: Connections  # open connections and their limits; shutdown closes them
     metrics: Metrics = field(default_factory=Metrics)
-    tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT  # seconds, under TLS
+    limits: Limits = field(default_factory=Limits)
 
     @classmethod
     def build(cls, limits: Limits | None = None) -> NumberServer:
@@ -88,30 +88,31 @@ class NumberServer:
             services,
             codec=NumberCodec(),
             config=limits.grpclib_config(),
-            limits=limits.stream_limits(),
+            stream_limits=limits.stream_limits(),
+            connection_limits=limits.connection_limits(),
         )
         streams = Streams(server, services, drained=[ACCUMULATE_NUMBERS])
         streams.on_end.append(log_stream_end)
-        built = cls(
-            server,
-            streams,
-            health,
-            connections=Connections(server, limits),
-            tls_handshake_timeout=limits.tls_handshake_timeout,
-        )
+        built = cls(server, streams, health, limits=limits)
         built.metrics.attach(streams)
         return built
+
+    @property
+    def connections(self) -> grpclib_ext.Connections | None:
+        """The open connections and their counts; None under plain grpclib."""
+        server = self.server
+        return server.connections if isinstance(server, grpclib_ext.Server) else None
 
     async def start(self, sock: socket.socket, ssl: _ssl.SSLContext | None = None) -> None:
         """Serve on ``sock``; with ``ssl`` (see ``tls.server_context``), TLS only.
 
-        A TLS client must finish its handshake within ``tls_handshake_timeout``
+        A TLS client must finish its handshake within ``limits.tls_handshake_timeout``
         seconds or is disconnected: until then the connection cap and keepalive do
         not see the connection (asyncio makes the protocol only after the handshake).
         """
         if isinstance(self.server, grpclib_ext.Server):
             await self.server.start_on(
-                sock, ssl=ssl, ssl_handshake_timeout=self.tls_handshake_timeout
+                sock, ssl=ssl, ssl_handshake_timeout=self.limits.tls_handshake_timeout
             )
         else:  # plain grpclib: asyncio's 60 s handshake timeout
             await self.server.start(sock=sock, ssl=ssl)
@@ -122,8 +123,8 @@ class NumberServer:
         ``grace`` seconds to finish; those left end with UNAVAILABLE. Then every
         connection is closed, so that clients holding one cannot keep it waiting."""
         self.health.set(False)
-        # grpclib has no public way to stop listening alone; close() would also
-        # cancel every stream at once (plain grpclib can do no better).
+        # Plain grpclib has no way to stop listening alone: its close() would also
+        # cancel every stream at once. Its new streams are refused (Streams.drain).
         if isinstance(self.server, grpclib_ext.Server):
             self.server.stop_listening()
         in_flight = self.streams.drained_in_flight
@@ -132,18 +133,14 @@ class NumberServer:
         if ended:
             log.warning("grace period over: ended %d stream(s) with UNAVAILABLE", ended)
         # Cancels what still runs (health Watch streams, say) and closes every
-        # connection (coalesce.py): from Python 3.12.1 wait_closed() waits for them.
+        # connection (grpclib_ext.Connections): from Python 3.12.1 wait_closed()
+        # waits for them, and plain grpclib's close() leaves them to the clients.
         self.server.close()
-        # Aborts connections that cannot write what they hold, refuses any whose
-        # TLS handshake ends now, and returns once all are gone.
-        await self.connections.close()
-        # What is left is TLS connections still in their handshake, which have no
-        # protocol of ours yet: their handshake timeout ends them, or this at once
-        # (asyncio.Server.abort_clients, Python 3.13+).
-        abort_clients = getattr(self.server._server, "abort_clients", None)
-        if abort_clients is not None:
-            abort_clients()
-        await self.server.wait_closed()
+        bound = grace + STOP_WAIT
+        try:
+            await asyncio.wait_for(self.server.wait_closed(), bound)
+        except TimeoutError:
+            log.warning("connections still open %g s after the drain; stopping without them", bound)
 
 
 def bind(host: str, port: int, *, reuse_port: bool = False) -> socket.socket:

@@ -4,7 +4,7 @@ Each module names the private attributes it uses and the missing API or upstream
 issue they stand in for. They were written against the versions in
 :data:`WRITTEN_FOR`: with any other installed, :func:`make_server` says so in one log
 line and serves with plain grpclib behaviour instead of breaking (no batching, no
-coalesced writes, no per-stream limits of this package).
+coalesced writes, none of the per-stream or per-connection limits of this package).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from grpclib.config import Configuration
 from grpclib.encoding.base import CodecBase
 from grpclib.server import Server as GrpclibServer
 
+from .connections import ConnectionLimits, Connections
 from .server import Server
 from .stream import BATCH, BatchingStream, Counter, StreamLimits, message_name
 
@@ -26,6 +27,8 @@ __all__ = [
     "BATCH",
     "WRITTEN_FOR",
     "BatchingStream",
+    "ConnectionLimits",
+    "Connections",
     "Counter",
     "Server",
     "StreamLimits",
@@ -35,7 +38,7 @@ __all__ = [
     "mismatch",
 ]
 
-log = logging.getLogger("number_service.serving")
+log = logging.getLogger(__name__)
 
 #: The releases whose private attributes this package was written against.
 WRITTEN_FOR = {"grpclib": "0.4.9", "h2": "4.4.1", "hyperframe": "6.1.0"}
@@ -59,16 +62,23 @@ def make_server(
     *,
     codec: CodecBase | None = None,
     config: Configuration | None = None,
-    limits: StreamLimits | None = None,
+    stream_limits: StreamLimits | None = None,
+    connection_limits: ConnectionLimits | None = None,
 ) -> GrpclibServer:
     """This package's :class:`Server` or, if grpclib or h2 are not the releases it was
     written for, grpclib's own (saying so once, in one line)."""
     different = mismatch()
     if different is None:
-        return Server(handlers, codec=codec, config=config, limits=limits)
+        return Server(
+            handlers,
+            codec=codec,
+            config=config,
+            stream_limits=stream_limits,
+            connection_limits=connection_limits,
+        )
     log.warning(
         "installed %s: serving with plain grpclib behaviour (no batched streams, "
-        "coalesced writes or per-stream limits)",
+        "coalesced writes, or per-stream and per-connection limits)",
         different,
     )
     return GrpclibServer(handlers, codec=codec, config=config)

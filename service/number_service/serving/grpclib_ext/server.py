@@ -1,13 +1,22 @@
-"""grpclib's Server with this package's streams, connections and start-up.
+"""grpclib's Server with this package's connections, streams and start-up.
 
 :class:`Server` is a :class:`grpclib.server.Server` (its public API, its events)
-whose connections coalesce their writes per loop turn (:mod:`.coalesce`) and serve
-every stream with :class:`~.stream.BatchingStream` (:mod:`.handler`). grpclib has no
-hook for the connection protocol or the per-connection handler, so it overrides the
-private ``Server._protocol_factory``; :meth:`start` and :meth:`stop_listening` set and
-close grpclib's private ``_server`` (there is no public way to pass
-``ssl_handshake_timeout``, nor to stop listening without cancelling every stream:
-grpclib issues #107 and #148 ask for a graceful close).
+whose connections are :class:`~.connections.Connection` (coalesced writes, the
+connection cap, the streams setting, idle reaping) and serve every stream with
+:class:`~.stream.BatchingStream` (:mod:`.handler`). Private grpclib attributes used
+here, with what they stand in for:
+
+- ``Server._protocol_factory``, overridden: grpclib has no hook for the connection
+  protocol or the per-connection handler (nor any connection limit);
+- ``Server._server`` (grpclib's asyncio server), set by :meth:`Server.start_on` and
+  closed by :meth:`Server.stop_listening`: there is no public way to pass
+  ``ssl_handshake_timeout``, nor to stop listening without cancelling every stream
+  (grpclib issues #107 and #148 ask for a graceful close); its ``abort_clients``
+  (Python 3.13+) ends TLS handshakes still under way at the end of
+  :meth:`Server.wait_closed`;
+- ``Server._server_closed_fut``, ``_mapping``, ``_codec``, ``_status_details_codec``,
+  ``_handlers``, ``_config``, ``_h2_config``: grpclib's own state, which
+  ``_protocol_factory`` and ``start_on`` use as grpclib's own methods do.
 """
 
 from __future__ import annotations
@@ -16,34 +25,20 @@ import asyncio
 import socket
 import ssl as _ssl
 from collections.abc import Collection
-from typing import Any, cast
+from typing import Any
 
 from grpclib.config import Configuration
 from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server as GrpclibServer
 
-from .coalesce import CoalescingTransport
+from .connections import Connection, ConnectionLimits, Connections
 from .handler import Handler
 from .stream import Counter, StreamLimits
 
 
-class _CoalescingProtocol(H2Protocol):
-    live: set[_CoalescingProtocol]  # its server's open connections
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A stream transport, though not always an asyncio.Transport subclass
-        # (uvloop's is not): only its methods are used.
-        super().connection_made(CoalescingTransport(cast(asyncio.Transport, transport)))
-        self.live.add(self)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        self.live.discard(self)
-        super().connection_lost(exc)
-
-
 class Server(GrpclibServer):
-    """grpclib's Server, with batched streams and coalesced writes (see the module)."""
+    """grpclib's Server, with batched streams and guarded connections (see the module)."""
 
     def __init__(
         self,
@@ -52,15 +47,19 @@ class Server(GrpclibServer):
         codec: CodecBase | None = None,
         status_details_codec: StatusDetailsCodecBase | None = None,
         config: Configuration | None = None,
-        limits: StreamLimits | None = None,
+        stream_limits: StreamLimits | None = None,
+        connection_limits: ConnectionLimits | None = None,
     ) -> None:
         super().__init__(
             handlers, codec=codec, status_details_codec=status_details_codec, config=config
         )
-        self.stream_limits = StreamLimits() if limits is None else limits
+        self.stream_limits = StreamLimits() if stream_limits is None else stream_limits
+        #: Every open connection, with the counts of the connection limits.
+        self.connections = Connections(
+            ConnectionLimits() if connection_limits is None else connection_limits
+        )
         #: Told the messages of every stream, in batches (see ``stream.Counter``).
         self.counter: Counter | None = None
-        self._live: set[_CoalescingProtocol] = set()
 
     def _protocol_factory(self) -> H2Protocol:
         self.__gc_step__()
@@ -73,18 +72,27 @@ class Server(GrpclibServer):
             counter=self.counter,
         )
         self._handlers.add(handler)
-        protocol = _CoalescingProtocol(handler, self._config, self._h2_config)
-        protocol.live = self._live
-        return protocol
+        return Connection(handler, self._config, self._h2_config, self.connections)
 
     def close(self) -> None:
         """Stop listening and cancel every handler (grpclib's close), then close every
-        connection once what it holds is written. grpclib leaves connections to the
-        clients, and from Python 3.12.1 ``wait_closed()`` waits for every one of them
-        (cpython issue #104344): a client that stayed connected held it forever."""
+        connection once what it holds is written (``Connections.close``)."""
         super().close()
-        for protocol in list(self._live):
-            protocol.connection.close()
+        self.connections.close()
+
+    async def wait_closed(self) -> None:
+        """Once :meth:`close` was called: wait a moment for the connections to end
+        (``Connections.wait_closed``; those whose peer does not read are aborted), end
+        TLS handshakes still under way (Python 3.13+; before, their handshake timeout
+        does), then wait for the handlers as grpclib does."""
+        if self._server is None or self._server_closed_fut is None:
+            raise RuntimeError("Server is not started")
+        await self._server_closed_fut
+        await self.connections.wait_closed()
+        abort_clients = getattr(self._server, "abort_clients", None)
+        if abort_clients is not None:
+            abort_clients()
+        await super().wait_closed()
 
     async def start_on(
         self,
