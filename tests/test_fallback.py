@@ -14,6 +14,7 @@ import signal
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pytest
 from grpclib.const import Status
@@ -22,6 +23,7 @@ from processes import EXIT_TIMEOUT, HOST, reap, start_server
 
 from number_service import INT32_MAX, NumberClient
 from number_service.serving import grpclib_ext
+from number_service.serving.grpclib_ext import client as client_ext
 from number_service.serving.run import STOP_WAIT, NumberServer, address_of, bind
 
 TIMEOUT = 10.0
@@ -79,8 +81,10 @@ async def test_another_h2_serves_plain_grpclib_right_and_stops(
             assert loop.time() - started < 0.2 + STOP_WAIT + 2
             with pytest.raises(GRPCError) as cut:
                 await session.add(1)
+        # The client is under the same version check: it reports the reset that
+        # followed the server's trailers, plain grpclib's word, with their status.
         assert cut.value.status is Status.UNAVAILABLE
-        assert "shut down" in str(cut.value.message)
+        assert "cut off" in str(cut.value.message)
     finally:
         client.close()
 
@@ -110,3 +114,20 @@ async def test_serve_with_another_h2_warns_once_answers_and_exits_0(tmp_path: Pa
         assert "Traceback" not in text
     finally:
         reap(server.proc)
+
+
+def test_another_h2_leaves_the_client_plain_grpclib(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client's workarounds step aside too: no status read from the trailers
+    behind a reset, no GOAWAY read from h2's state; plain grpclib's word stands."""
+
+    class Call:  # a call whose server sent OUT_OF_RANGE before it reset the stream
+        def _maybe_raise(self) -> None:
+            raise GRPCError(Status.OUT_OF_RANGE, "from the trailers")
+
+    call: Any = Call()
+    found = client_ext.servers_status(call)
+    assert found is not None
+    assert found.status is Status.OUT_OF_RANGE
+    monkeypatch.setattr(metadata, "version", fake_version(metadata.version))
+    assert client_ext.servers_status(call) is None
+    assert client_ext.goaway_received(call) is False

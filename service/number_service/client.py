@@ -36,13 +36,13 @@ from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.metadata import Deadline
-from h2.connection import ConnectionState
 
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 from .accumulator import check_int32
 from .codec import NumberCodec
 from .service import ACCUMULATE_NUMBERS
+from .serving.grpclib_ext.client import goaway_received, servers_status
 from .serving.run import DEFAULT_HOST, DEFAULT_PORT
 
 Metadata = Mapping[str, str | bytes] | Collection[tuple[str, str | bytes]]
@@ -286,7 +286,7 @@ class NumberClient:
             return GRPCError(Status.DEADLINE_EXCEEDED, f"deadline of {timeout} s exceeded")
         if isinstance(err, StreamTerminatedError):
             reason = str(err)
-            if reason == _LOST and _goaway_received(call):
+            if reason == _LOST and goaway_received(call):
                 reason = "the server closed the connection with a GOAWAY"  # not "lost"
             message = f"stream to {self._target} cut off: {reason}"
             if call is not None and call.initial_metadata is not None:
@@ -399,7 +399,7 @@ class Session:
         a deadline that passed is DEADLINE_EXCEEDED, whatever came meanwhile."""
         if isinstance(err, GRPCError):
             return err
-        if isinstance(err, StreamTerminatedError) and (status := _servers_status(self._call)):
+        if isinstance(err, StreamTerminatedError) and (status := servers_status(self._call)):
             return status
         return self._status_for(err)
 
@@ -409,37 +409,9 @@ class _AlreadyRaisedError(Exception):
     so there is no status left to wait for (grpclib would wait for trailers again)."""
 
 
-def _servers_status(call: _Call) -> GRPCError | None:
-    """The non-OK status in trailers the server sent on ``call``, if any came.
-
-    A server ends a stream the client still sends on with trailers and then
-    RST_STREAM (gRPC's HTTP/2 protocol); grpclib then raises "Stream reset by
-    remote party" from send_message and recv_message, and recv_trailing_metadata
-    raises it too, though the trailers were received. grpclib #75 fixed this for
-    recv_initial_metadata only; its own Stream.__aexit__ reads such trailers with
-    the private ``_maybe_raise``, used here for want of a public way.
-    """
-    try:
-        call._maybe_raise()
-    except GRPCError as err:
-        return err
-    return None
-
-
 # grpclib's reasons for ending every stream of a connection (grpclib.protocol).
 _LOST = "Connection lost"
 _CONNECTION_ENDS = (_LOST, "Received GOAWAY frame", "the server closed the connection")
-
-
-def _goaway_received(call: _Call | None) -> bool:
-    """Whether the call's connection got a GOAWAY. grpclib says "Connection lost"
-    even then, if the close that follows the GOAWAY is read before the call's task
-    runs (its second reason overwrites the first). There is no public way to ask:
-    h2's connection state says it, reached through grpclib's private ``_stream``
-    and ``_h2_connection``; h2 is CLOSED only after a GOAWAY, sent or received,
-    and a grpclib client never sends one."""
-    h2 = getattr(getattr(call, "_stream", None), "_h2_connection", None)
-    return h2 is not None and h2.state_machine.state is ConnectionState.CLOSED
 
 
 class _UnansweredError(GRPCError):

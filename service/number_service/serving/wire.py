@@ -435,6 +435,8 @@ def _read(data: bytes, pos: int, end: int, cls: type[M]) -> M:
     for name, chunks in parts.items():
         values[name] = _message(table.by_name[name], b"".join(chunks))
     message = cls(**values)
+    # Kept as betterproto2's own parse keeps them, so that encoding the message again
+    # writes them back; betterproto2 has no public way to set them (its attribute).
     message._unknown_fields = bytes(unknown)
     return message
 
