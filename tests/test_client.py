@@ -17,7 +17,7 @@ from hyperframe.frame import HeadersFrame
 from processes import free_port
 from rawh2 import DATA, GOAWAY, PREFACE, SETTINGS, frame, parse_frames
 
-from number_service import INT32_MAX, INT32_MIN, NumberClient, NumberServer, Retry
+from number_service import INT32_MAX, INT32_MIN, NumberClient, Retry, build_server
 from number_service.pytest_plugin import RunningServer
 from number_service.serving.run import bind
 
@@ -167,7 +167,7 @@ async def test_retry_waits_for_a_server_that_starts_late() -> None:
         early = asyncio.create_task(_collect(client.accumulate([1, 2, 3])))
         await asyncio.sleep(0.3)
         assert not early.done()  # still retrying: nothing listens yet
-        server = NumberServer.build()
+        server = build_server()
         await server.start(bind("127.0.0.1", port))
         try:
             assert await asyncio.wait_for(early, 10) == [1, 3, 6]
@@ -323,7 +323,7 @@ async def _overflow_in_a_session(client: NumberClient) -> None:
 
 
 async def test_session_add_raises_a_drains_unavailable_itself() -> None:
-    server = NumberServer.build()
+    server = build_server()
     sock = bind("127.0.0.1", 0)
     await server.start(sock)
     client = NumberClient("127.0.0.1", sock.getsockname()[1], timeout=10)
@@ -360,7 +360,7 @@ def test_a_client_made_outside_the_event_loop_works_inside_it() -> None:
     client = NumberClient("127.0.0.1", port, timeout=10)  # no loop is running here
 
     async def main() -> list[int]:
-        server = NumberServer.build()
+        server = build_server()
         await server.start(bind("127.0.0.1", port))
         try:
             async with client:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from number_service import NumberClient
+from number_service import NumberClient, build_server
 from number_service.serving.grpclib_ext.coalesce import CoalescingTransport
-from number_service.serving.run import NumberServer, address_of, bind
+from number_service.serving.run import address_of, bind
 
 
 class Recording(asyncio.Transport):
@@ -56,7 +56,7 @@ async def test_close_sends_what_is_pending_first() -> None:
 
 async def test_a_pipelined_stream_is_answered_with_fewer_sends_than_answers() -> None:
     """Through the real server: 2,000 answers, far fewer writes to the socket."""
-    built = NumberServer.build()
+    built = build_server()
     sock = bind("127.0.0.1", 0)
     await built.start(sock)
     writes = 0

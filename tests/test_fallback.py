@@ -21,10 +21,11 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from processes import EXIT_TIMEOUT, HOST, reap, start_server
 
-from number_service import INT32_MAX, NumberClient
+from number_service import INT32_MAX, NumberClient, build_server
 from number_service.serving import grpclib_ext
+from number_service.serving.build import STOP_WAIT
 from number_service.serving.grpclib_ext import client as client_ext
-from number_service.serving.run import STOP_WAIT, NumberServer, address_of, bind
+from number_service.serving.run import address_of, bind
 
 TIMEOUT = 10.0
 FAKE_H2 = "9.9.9"
@@ -56,7 +57,7 @@ async def test_another_h2_serves_plain_grpclib_right_and_stops(
     counts); sums, an overflow's status and a drained stream's UNAVAILABLE as ever;
     and the shutdown ends though a client keeps its connection open."""
     caplog.set_level(logging.INFO, logger="number_service")
-    built = NumberServer.build()
+    built = build_server()
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, warnings
     assert WARNING in warnings[0]

@@ -492,8 +492,8 @@ async def test_message_split_by_an_empty_data_frame_is_read_whole(
     one is still one message.
 
     grpclib 0.4.9's Buffer.read (protocol.py:88-99) takes a zero-length DATA frame for
-    the end of the stream and answers INTERNAL (this was a strict xfail); the batched
-    AccumulateNumbers handler (fastpath.py) that NumberServer.build uses skips it."""
+    the end of the stream and answers INTERNAL (this was a strict xfail); the serving
+    layer's batched streams (grpclib_ext/stream.py) read the buffered bytes themselves."""
     raw = await RawH2.connect(number_server.port)
     try:
         stream = raw.open_stream()

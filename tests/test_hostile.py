@@ -64,7 +64,7 @@ from rawh2 import (
     grpc_message,
 )
 
-from number_service import INT32_MAX, INT32_MIN, NumberClient, NumberServer
+from number_service import INT32_MAX, INT32_MIN, NumberClient, Serving, build_server
 from number_service.codec import decode_int32_field, encode_int32_field
 from number_service.pytest_plugin import RunningServer
 from number_service.serving.run import address_of, bind
@@ -558,10 +558,10 @@ frame_sequences = st.lists(
 
 @dataclass
 class ThreadServer:
-    """A NumberServer on its own event loop in a background thread."""
+    """A NumberService server on its own event loop in a background thread."""
 
     port: int
-    instance: NumberServer
+    instance: Serving
     loop: asyncio.AbstractEventLoop
     thread: threading.Thread
     errors: list[logging.LogRecord] = field(default_factory=list)
@@ -611,9 +611,9 @@ def thread_server() -> Iterator[ThreadServer]:
     thread = threading.Thread(target=loop.run_forever, name="fuzzed-server", daemon=True)
     thread.start()
 
-    async def start() -> tuple[NumberServer, int]:
+    async def start() -> tuple[Serving, int]:
         sock = bind(HOST, 0)
-        instance = NumberServer.build()
+        instance = build_server()
         await instance.start(sock)
         return instance, address_of(sock)[1]
 

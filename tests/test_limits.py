@@ -1,7 +1,7 @@
 """Resource limits, each reached over loopback: message size, streams per connection,
 the connection cap, keepalive, the idle-connection and per-stream idle timeouts.
 
-Servers run in-process (``NumberServer.build(limits)`` on 127.0.0.1:0) with small
+Servers run in-process (``build_server(limits)`` on 127.0.0.1:0) with small
 limits so each is reached quickly; one ``number-service serve`` subprocess shows the
 flags and environment variables reach the same limits.
 """
@@ -36,11 +36,11 @@ from rawh2 import (
     grpc_message,
 )
 
-from number_service import NumberClient
+from number_service import NumberClient, Serving, build_server
 from number_service.codec import encode_int32_field as num  # a NumberRequest's bytes
 from number_service.service import ACCUMULATE_NUMBERS
 from number_service.serving.limits import DEFAULT_MAX_MESSAGE_SIZE, Limits
-from number_service.serving.run import NumberServer, address_of, bind
+from number_service.serving.run import address_of, bind
 
 HOST = "127.0.0.1"
 TIMEOUT = 10.0  # seconds: the longest any one wait here may take
@@ -48,10 +48,10 @@ CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
 
 @contextlib.asynccontextmanager
-async def serving(limits: Limits) -> AsyncIterator[tuple[NumberServer, int]]:
-    """A NumberServer with ``limits`` on 127.0.0.1:<ephemeral>; shut down after."""
+async def serving(limits: Limits) -> AsyncIterator[tuple[Serving, int]]:
+    """A NumberService server with ``limits`` on 127.0.0.1:<ephemeral>; shut down after."""
     sock = bind(HOST, 0)
-    built = NumberServer.build(limits)
+    built = build_server(limits)
     await built.start(sock)
     try:
         yield built, address_of(sock)[1]
@@ -295,7 +295,7 @@ async def test_shutdown_closes_every_connection_left_open() -> None:
     stream, one that never sent the HTTP/2 preface. grpclib leaves connections to
     the clients, and from Python 3.12.1 its wait_closed() waited for them forever."""
     sock = bind(HOST, 0)
-    built = NumberServer.build()
+    built = build_server()
     connections = built.connections
     assert connections is not None
     await built.start(sock)

@@ -18,8 +18,8 @@ from number_service import (
     ACCUMULATE_NUMBERS,
     INT32_MAX,
     NumberClient,
-    NumberServer,
     NumberService,
+    build_server,
 )
 from number_service.pytest_plugin import RunningServer
 from number_service.serving.run import address_of, bind
@@ -187,7 +187,7 @@ async def test_accepted_connections_have_nagle_off() -> None:
 async def test_listening_on_all_interfaces_takes_ipv4_and_ipv6_clients(client_host: str) -> None:
     """``::`` is all interfaces, as ``serve --help`` says: IPv4 clients too, not only IPv6."""
     sock = bind("::", 0)
-    server = NumberServer.build()
+    server = build_server()
     await server.start(sock)
     try:
         async with NumberClient(client_host, address_of(sock)[1], timeout=10) as client:

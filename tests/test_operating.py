@@ -34,10 +34,10 @@ from processes import (
 )
 from scraping import scrape
 
-from number_service import INT32_MAX, NumberClient, healthcheck
+from number_service import INT32_MAX, NumberClient, build_server, healthcheck
 from number_service.pytest_plugin import RunningServer
 from number_service.serving.metrics import MetricsEndpoint
-from number_service.serving.run import NumberServer, address_of, bind
+from number_service.serving.run import address_of, bind
 
 SERVICE = "tutorial.NumberService"
 TIMEOUT = 10.0
@@ -247,7 +247,7 @@ async def test_the_log_line_names_the_peer_as_host_port(
     dual-stack socket is ``127.0.0.1:40818``, not ``[::ffff:127.0.0.1]:40818``."""
     caplog.set_level(logging.INFO)
     sock = bind("::", 0)
-    built = NumberServer.build()
+    built = build_server()
     await built.start(sock)
     try:
         async with NumberClient(client_host, address_of(sock)[1], timeout=TIMEOUT) as client:

@@ -36,14 +36,14 @@ from polling import eventually
 from processes import HOST, assert_one_error_line, free_port, reap, run, start_server
 from rawh2 import H2Client, RawSocket
 
-from number_service import NumberClient, Retry
+from number_service import NumberClient, Retry, build_server
 from number_service.serving.limits import Limits
-from number_service.serving.run import NumberServer, address_of, bind
+from number_service.serving.run import address_of, bind
 from number_service.serving.tls import TLSConfig, TLSFileError, client_context, server_context
-from number_service.serving.worker import WORKER_HEADER
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 CALL_TIMEOUT = 10.0  # seconds for every call, so that no test can hang
+WORKER_HEADER = "number-service-worker"  # initial metadata: the worker that served
 NUMS = [1, 2, 3, -10]
 SUMS = [1, 3, 6, -4]
 
@@ -112,9 +112,9 @@ async def loop_errors() -> AsyncIterator[list[dict[str, Any]]]:
 
 @asynccontextmanager
 async def serving(context: ssl.SSLContext, limits: Limits | None = None) -> AsyncIterator[int]:
-    """A real NumberServer with ``context`` on 127.0.0.1:<ephemeral>; yields the port."""
+    """A real NumberService server with ``context`` on 127.0.0.1:<ephemeral>; yields the port."""
     sock = bind(HOST, 0)
-    built = NumberServer.build(limits)
+    built = build_server(limits)
     await built.start(sock, context)
     try:
         yield address_of(sock)[1]
@@ -229,7 +229,7 @@ async def test_shutdown_closes_tls_connections_left_open(certs: Certs) -> None:
     aborted at once). From Python 3.12.1 the first one held shutdown forever."""
     limits = Limits(tls_handshake_timeout=2.0)
     sock = bind(HOST, 0)
-    built = NumberServer.build(limits)
+    built = build_server(limits)
     connections = built.connections
     assert connections is not None
     await built.start(sock, server_context(certs.server_cert, certs.server_key))

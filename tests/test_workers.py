@@ -47,16 +47,16 @@ from number_service.codec import NumberCodec
 from number_service.service import ACCUMULATE_NUMBERS
 from number_service.serving import supervisor
 from number_service.serving.supervisor import (
-    METRICS_DIR_PREFIX,
     cpu_count,
     make_metrics_dir,
     parse_cpu_max,
     remove_stale_metrics_dirs,
 )
-from number_service.serving.worker import WORKER_HEADER
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 TIMEOUT = 20.0  # seconds for any one wait on a server
+WORKER_HEADER = "number-service-worker"  # initial metadata: the worker that served
+METRICS_DIR_PREFIX = "number-service-metrics-"  # then the parent's pid and a random part
 WORKER_LINE = re.compile(r"worker (\d+) (?:started|restarted): pid (\d+)")
 ANY_READY_LINE = re.compile(r"listening on \[::\]:(\d+)")
 METRICS_LINE = re.compile(r"metrics of all workers on http://127\.0\.0\.1:(\d+)/metrics")
@@ -595,7 +595,7 @@ def test_only_unlocked_metrics_dirs_are_removed(tmp_path: Path) -> None:
     other = tmp_path / "something-else"
     other.mkdir()
     try:
-        remove_stale_metrics_dirs(str(tmp_path))
+        remove_stale_metrics_dirs(str(tmp_path), METRICS_DIR_PREFIX)
         left = {path.name for path in tmp_path.iterdir()}
         assert left == {Path(in_use).name, unlocked.name, other.name}
     finally:
@@ -605,7 +605,7 @@ def test_only_unlocked_metrics_dirs_are_removed(tmp_path: Path) -> None:
 def make_metrics_dir_in(where: Path) -> tuple[str, int]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(tempfile, "tempdir", str(where))
-        path, lock = make_metrics_dir()
+        path, lock = make_metrics_dir(METRICS_DIR_PREFIX)
     (Path(path) / "counter_1.db").write_bytes(b"x")
     return path, lock
 

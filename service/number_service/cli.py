@@ -20,11 +20,11 @@ from typing import IO, Any, NoReturn, TypeVar
 import click
 from grpclib.exceptions import GRPCError
 
-from . import healthcheck
+from . import healthcheck, server
 from .accumulator import check_int32
 from .client import NumberClient
 from .serving import limits, logs, metrics, supervisor, tls
-from .serving import run as server
+from .serving.run import DEFAULT_GRACE, DEFAULT_HOST, DEFAULT_PORT
 from .serving.worker import Worker
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -148,20 +148,20 @@ def main() -> None:
 @main.command(cls=_KeepsArgs, context_settings={"show_default": True})
 @_serve_option(
     "--host",
-    default=server.DEFAULT_HOST,
+    default=DEFAULT_HOST,
     help="Address to listen on; 0.0.0.0: all IPv4 interfaces; :: all interfaces, "
     "IPv4 and IPv6 (dual-stack).",
 )
 @_serve_option(
     "--port",
     type=click.IntRange(0, 65535),
-    default=server.DEFAULT_PORT,
+    default=DEFAULT_PORT,
     help="TCP port; 0 picks a free one (the ready line says which).",
 )
 @_serve_option(
     "--grace",
     type=click.FloatRange(min=0),
-    default=server.DEFAULT_GRACE,
+    default=DEFAULT_GRACE,
     help="Seconds in-flight streams get to finish after SIGTERM/SIGINT; "
     "those left then end with UNAVAILABLE.",
 )
@@ -173,7 +173,7 @@ def main() -> None:
 )
 @_serve_option(
     "--metrics-host",
-    default=server.DEFAULT_HOST,
+    default=DEFAULT_HOST,
     help="Address for the metrics endpoint.",
 )
 @_serve_option(
@@ -277,7 +277,7 @@ def serve(
     Every option can also be set by its environment variable; an option given on
     the command line wins.
     """
-    worker = Worker.from_env()
+    worker = Worker.from_env(server.NAME)
     fields = worker.log_fields() if worker is not None else None
     logs.configure(log_level, "json" if log_format.lower() == "json" else "text", fields)
     # Metric values live in memory, whatever PROMETHEUS_MULTIPROC_DIR says, except in
@@ -306,7 +306,7 @@ def serve(
         workers, why = supervisor.auto_workers()
         why = f"auto: {why}"
         if workers == 1 and worker is None:
-            logging.getLogger("number_service").info("one process (--workers %s)", why)
+            logs.log.info("one process (--workers %s)", why)
     config.workers = workers
     config.worker = worker
     if worker is not None:  # the supervisor serves the metrics of all workers
@@ -317,7 +317,8 @@ def serve(
             if config.tls is not None:
                 config.tls.server_context()  # a bad file: one line here, not one per worker
             args = click.get_current_context().meta[_RAW_ARGS]
-            sys.exit(asyncio.run(supervisor.Supervisor(config, args, why).run()))
+            command = [sys.executable, "-m", "number_service", "serve", *args]
+            sys.exit(asyncio.run(supervisor.Supervisor(config, command, why).run()))
         asyncio.run(server.serve(config))
     except tls.TLSFileError as err:
         _fail(str(err), 2)
@@ -385,10 +386,8 @@ def _client_tls_options(env_prefix: str | None = None) -> Callable[[_F], _F]:
 
 
 @main.command(context_settings={"ignore_unknown_options": True})
-@click.option("--host", default=server.DEFAULT_HOST, show_default=True, help="Server address.")
-@click.option(
-    "--port", type=click.IntRange(1, 65535), default=server.DEFAULT_PORT, show_default=True
-)
+@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Server address.")
+@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Deadline, seconds.")
 @_client_tls_options()
 @click.argument("numbers", nargs=-1)
@@ -482,11 +481,11 @@ async def _until_bad(numbers: AsyncIterator[int], bad: list[InputError]) -> Asyn
 
 
 @main.command(context_settings={"show_default": True})
-@click.option("--host", default=server.DEFAULT_HOST, help="Server address.")
+@click.option("--host", default=DEFAULT_HOST, help="Server address.")
 @click.option(
     "--port",
     type=click.IntRange(1, 65535),
-    default=server.DEFAULT_PORT,
+    default=DEFAULT_PORT,
     envvar=ENV_PREFIX + "PORT",
     show_envvar=True,
     help="Server port; reads the same variable as serve, so a container checks its own port.",

@@ -34,8 +34,9 @@ else:
 
     from .client import NumberClient
     from .codec import NumberCodec
+    from .server import build_server
     from .service import NumberService
-    from .serving.run import NumberServer, address_of, bind
+    from .serving import Serving, address_of, bind
 
     @dataclass(frozen=True)
     class RunningServer:
@@ -43,7 +44,7 @@ else:
 
         host: str
         port: int
-        instance: NumberServer
+        instance: Serving
 
         @property
         def server(self) -> Server:
@@ -61,7 +62,7 @@ else:
         """A real server (with health, reflection and metrics) on an ephemeral
         127.0.0.1 port; shut down afterwards, ending streams left with UNAVAILABLE."""
         sock = bind("127.0.0.1", 0)
-        instance = NumberServer.build()
+        instance = build_server()
         await instance.start(sock)
         host, port = address_of(sock)
         try:

@@ -20,7 +20,8 @@ from .streams import StreamRecord
 
 LogFormat = Literal["text", "json"]
 
-log = logging.getLogger("number_service")
+#: The serving layer's own lines (start, ready, drain, stop): shown at any level.
+log = logging.getLogger(__package__)
 stream_log = logging.getLogger(streams.__name__)  # the stream lines share its logger
 
 # Statuses that point at the server rather than at what the client did.
@@ -58,9 +59,9 @@ class _AddFields(logging.Filter):
 
 
 class _AtLevel(logging.Filter):
-    """Passes records at ``level`` or above, and the ``number_service`` logger's own
-    info lines (start, ready, drain, stop) at any level; its children
-    (``number_service.limits``, ...) follow ``level`` like every other logger."""
+    """Passes records at ``level`` or above, and the serving layer's own info lines
+    (``log``: start, ready, drain, stop) at any level; the loggers below it
+    (``number_service.serving.streams``, ...) follow ``level`` like every other."""
 
     def __init__(self, level: int) -> None:
         super().__init__()

@@ -1,14 +1,13 @@
 """Prometheus metrics with go-grpc-prometheus's names and labels, so dashboards work.
 
-Fed by :class:`~number_service.streams.Streams`, which listens to grpclib's event
-hooks once for all its consumers; kept in a
-registry of their own (several servers may share a process, as in tests) and
-served over HTTP at ``/metrics`` by prometheus-client.
+Fed by :class:`~.streams.Streams`, which listens to grpclib's event hooks once for
+all its consumers; kept in a registry of their own (several servers may share a
+process, as in tests) and served over HTTP at ``/metrics`` by prometheus-client.
 
 Where values live is the command's choice (:func:`use_values`): in memory in a plain
 ``serve``, whatever the environment says, and in prometheus-client's multiprocess files
-only in a worker whose supervisor collects them. Code that builds
-``NumberServer`` itself keeps prometheus-client's own rule (``PROMETHEUS_MULTIPROC_DIR``).
+only in a worker whose supervisor collects them. Code that builds a ``Serving``
+itself keeps prometheus-client's own rule (``PROMETHEUS_MULTIPROC_DIR``).
 """
 
 from __future__ import annotations

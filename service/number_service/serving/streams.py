@@ -16,6 +16,7 @@ logged and counted, never passed on, so it cannot fail the call it watches.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -28,11 +29,12 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Server
 
 from . import grpclib_ext
-from .addresses import peer_address
 
 log = logging.getLogger(__name__)
 
-_SHUTDOWN = "number-service: grace period over"
+_SHUTDOWN = "serving: grace period over"  # the drain's cancel message, told from others
+#: UNAVAILABLE's message for a stream still open when a drain's grace period is over.
+SHUTDOWN_MESSAGE = "server shut down before this stream finished; start a new stream to continue"
 TRAILERS_WAIT = 2.0  # seconds streams ended by a drain get to send their trailers
 
 _TYPES = {
@@ -116,16 +118,19 @@ class Streams:
         services: Collection[Servable],
         *,
         drained: Collection[str] = (),
+        shutdown_message: str = SHUTDOWN_MESSAGE,
     ) -> None:
         """Follow ``server``, which serves ``services``. ``drained``: method paths whose
         streams a drain waits for; others, such as health Watch streams, never end
-        by themselves and are left to ``Server.close()``."""
+        by themselves and are left to ``Server.close()``. ``shutdown_message``: the
+        UNAVAILABLE status's message for a drained stream the drain has to end."""
         self._types = {
             path: _TYPES[handler.cardinality]
             for service in services
             for path, handler in service.__mapping__().items()
         }
         self._drained = frozenset(drained)
+        self.shutdown_message = shutdown_message
         self._live: dict[asyncio.Task[object], StreamRecord] = {}
         self._drained_live = 0  # how many of _live a drain waits for
         self._quiet = asyncio.Event()
@@ -170,7 +175,7 @@ class Streams:
             self._drained_live += 1
             self._quiet.clear()
         task.add_done_callback(self._task_done)
-        event.method_func = _watched(event.method_func, record)
+        event.method_func = _watched(event.method_func, record, self.shutdown_message)
         self.on_start.notify(record)
 
     async def _send_trailers(self, event: events.SendTrailingMetadata) -> None:
@@ -229,7 +234,9 @@ class Streams:
         return len(left)
 
 
-def _watched(method_func: Callable[[Any], Awaitable[None]], record: StreamRecord) -> Any:
+def _watched(
+    method_func: Callable[[Any], Awaitable[None]], record: StreamRecord, shutdown_message: str
+) -> Any:
     """The handler, noting a cancellation, and turning the drain's into UNAVAILABLE.
 
     When a client cancels or disconnects, grpclib cancels the handler and then
@@ -247,10 +254,25 @@ def _watched(method_func: Callable[[Any], Awaitable[None]], record: StreamRecord
                 record.cancelled = True
                 raise
             task.uncancel()
-            raise GRPCError(
-                Status.UNAVAILABLE,
-                "server shut down before this stream finished; "
-                "the sums so far are valid, start a new stream to continue",
-            ) from None
+            raise GRPCError(Status.UNAVAILABLE, shutdown_message) from None
 
     return handle
+
+
+_MAPPED = "::ffff:"  # how an IPv4 peer of a dual-stack IPv6 socket appears
+
+
+def peer_address(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """A peer's address from ``getpeername()`` as ``host:port`` (``[::1]:port`` for
+    IPv6, as ``run.host_port`` writes it); an IPv4 peer of a dual-stack socket
+    (``::ffff:127.0.0.1``) as the IPv4 address it is."""
+    host = str(address[0])
+    if host.startswith(_MAPPED):
+        try:
+            mapped = ipaddress.IPv6Address(host).ipv4_mapped
+        except ValueError:
+            mapped = None
+        if mapped is not None:
+            host = str(mapped)
+    port = int(address[1])
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -2,12 +2,12 @@
 
 The parent binds the port first (with SO_REUSEPORT, not listening: it resolves port
 0 once and holds the port; Linux hands connections only to the listening sockets
-of the group, i.e. to the workers). It then starts each worker as ``python -m
-number_service serve <the options it was given> --workers 1 --port <port>``, so
-every serve option reaches the workers unchanged; ``worker.py`` is what differs
-inside one. Worker logs go straight to the shared stderr; each worker reports
-``ready`` on its stdout pipe, and the parent logs ``listening on HOST:PORT`` once
-all of them are.
+of the group, i.e. to the workers). It then starts each worker as its worker command
+(the application's ``serve`` with the options it was given, say) followed by
+``--workers 1 --port <port>``, so every serve option reaches the workers unchanged;
+``worker.py`` is what differs inside one. Worker logs go straight to the shared
+stderr; each worker reports ``ready`` on its stdout pipe, and the parent logs
+``listening on HOST:PORT`` once all of them are.
 
 A worker that dies is restarted, after a back-off that grows while it keeps dying
 soon after start. A worker that dies before it is ready during start-up, or
@@ -33,12 +33,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import logging
 import os
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -47,12 +45,10 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from .addresses import host_port
+from .logs import log
 from .metrics import MULTIPROC_ENV, LostStreams, MetricsEndpoint
-from .run import ServeConfig, address_of, dual_stack, listen_errors, resolve
-from .worker import HURRY_SIGNAL, READY, WORKER_ENV
-
-log = logging.getLogger("number_service")
+from .run import ServeConfig, address_of, dual_stack, host_port, listen_errors, resolve
+from .worker import HURRY_SIGNAL, READY, worker_env
 
 INITIAL_BACKOFF = 0.1  # seconds before restarting a worker that died
 MAX_BACKOFF = 10.0
@@ -60,8 +56,13 @@ STABLE_AFTER = 30.0  # a worker that ran this long starts its back-off afresh wh
 MAX_START_FAILURES = 5  # deaths before ready, in a row, after which the parent gives up
 KILL_AFTER = 10.0  # seconds past --grace after which workers still running are killed
 READY_TIMEOUT = 30.0  # seconds a worker may take to listen; then it is killed, a failed start
-METRICS_DIR_PREFIX = "number-service-metrics-"  # then the parent's pid and a random part
 METRICS_DIR_LOCK = ".lock"  # held (flock) by the parent while its directory is in use
+
+
+def metrics_dir_prefix(name: str) -> str:
+    """How the workers' metrics directories of application ``name`` begin; the
+    parent's pid and a random part follow."""
+    return f"{name}-metrics-"
 
 
 def cpu_count() -> int:
@@ -184,13 +185,17 @@ class _Slot:
 
 
 class Supervisor:
-    """Runs ``config.workers`` workers of ``serve`` with ``args`` until a signal."""
+    """Runs ``config.workers`` workers, each ``command`` plus ``--workers 1 --port
+    <port>``, until a signal."""
 
-    def __init__(self, config: ServeConfig, args: Sequence[str], why: str = "") -> None:
-        """``why``: how the number of workers was chosen, for the start line (auto)."""
+    def __init__(self, config: ServeConfig, command: Sequence[str], why: str = "") -> None:
+        """``command``: a worker's command line, e.g. ``[sys.executable, "-m", "app",
+        "serve", *options]``; it must take ``--workers`` and ``--port`` after that
+        (the last of each wins). ``why``: how the number of workers was chosen, for
+        the start line (auto)."""
         self.config = config
         self.why = why
-        self.args = list(args)  # the serve options as given; workers get them too
+        self.command = list(command)
         self.slots = [_Slot(i) for i in range(config.workers)]
         self.failure: str | None = None  # why the parent gave up, if it did
         self._stop = asyncio.Event()
@@ -209,7 +214,7 @@ class Supervisor:
         endpoint = None
         try:
             if self.config.metrics_port is not None:
-                metrics_dir, lock = make_metrics_dir()
+                metrics_dir, lock = make_metrics_dir(metrics_dir_prefix(self.config.name))
                 self._lost = LostStreams(metrics_dir)
                 registry = CollectorRegistry()
                 MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
@@ -307,20 +312,16 @@ class Supervisor:
         self, index: int, port: int, metrics_dir: str | None
     ) -> asyncio.subprocess.Process:
         env = dict(os.environ)
-        env[WORKER_ENV] = str(index)
+        env[worker_env(self.config.name)] = str(index)
         # Only this parent's directory, and only with metrics on: one inherited from
         # the environment is no one's to write to.
         env.pop(MULTIPROC_ENV, None)
         if metrics_dir is not None:
             env[MULTIPROC_ENV] = metrics_dir
-        # The last --workers and --port win over the ones in self.args. stdin is the
+        # The last --workers and --port win over any in the command. stdin is the
         # worker's lifeline (end of file: the parent is gone); stdout says "ready".
         return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "number_service",
-            "serve",
-            *self.args,
+            *self.command,
             "--workers",
             "1",
             "--port",
@@ -406,17 +407,18 @@ async def _discard(proc: asyncio.subprocess.Process) -> None:
         pass
 
 
-def make_metrics_dir() -> tuple[str, int]:
-    """A new directory for the workers' metrics files, and the descriptor of the lock
-    that marks it in use until this process closes it or ends (even by SIGKILL).
+def make_metrics_dir(prefix: str) -> tuple[str, int]:
+    """A new directory for the workers' metrics files, named ``prefix<pid>-<random>``,
+    and the descriptor of the lock that marks it in use until this process closes it
+    or ends (even by SIGKILL).
 
-    Directories of parents that are gone are removed first. Raises OSError saying
+    Directories of this prefix whose parents are gone are removed first. Raises OSError saying
     where, e.g. under a read-only root file system without a writable TMPDIR.
     """
     try:
         parent = tempfile.gettempdir()  # the first writable of TMPDIR, /tmp ...
-        remove_stale_metrics_dirs(parent)
-        path = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-", dir=parent)
+        remove_stale_metrics_dirs(parent, prefix)
+        path = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
         lock = os.open(os.path.join(path, METRICS_DIR_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
     except OSError as err:
         reason = err.strerror or str(err)
@@ -428,8 +430,8 @@ def make_metrics_dir() -> tuple[str, int]:
     return path, lock
 
 
-def remove_stale_metrics_dirs(parent: str) -> None:
-    """Remove the metrics directories of parents that are gone (killed with SIGKILL,
+def remove_stale_metrics_dirs(parent: str, prefix: str) -> None:
+    """Remove the metrics directories (``prefix...``) of parents that are gone (killed with SIGKILL,
     say, so that they could not remove their own).
 
     A directory is stale when its lock file is not locked: the kernel releases a
@@ -439,7 +441,7 @@ def remove_stale_metrics_dirs(parent: str) -> None:
     """
     with contextlib.suppress(OSError):
         for entry in os.scandir(parent):
-            if entry.name.startswith(METRICS_DIR_PREFIX) and entry.is_dir(follow_symlinks=False):
+            if entry.name.startswith(prefix) and entry.is_dir(follow_symlinks=False):
                 _remove_if_unlocked(entry.path)
 
 

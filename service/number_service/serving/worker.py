@@ -1,12 +1,13 @@
 """The worker side of ``serve --workers N``: what changes in a process the supervisor started.
 
-The supervisor (``supervisor.py``) starts each worker as ``python -m number_service
-serve <the same options> --workers 1 --port <port>`` with ``NUMBER_SERVICE_WORKER_INDEX``
-set. Such a process then:
+The supervisor (``supervisor.py``) starts each worker with its worker command plus
+``--workers 1 --port <port>``, and ``<NAME>_WORKER_INDEX`` set in its environment,
+where NAME is the application's name (``ServeConfig.name``) in capitals, ``-`` as
+``_``: ``MY_APP_WORKER_INDEX`` for ``my-app``. Such a process then:
 
 - listens with SO_REUSEPORT, so the kernel spreads connections over the workers;
 - tags every log line with ``worker`` and ``pid``, and every stream's initial
-  metadata with ``number-service-worker: <index>``;
+  metadata with ``<name>-worker: <index>`` (``my-app-worker``);
 - writes ``ready`` to stdout (a pipe to the supervisor) once it listens;
 - starts its drain on SIGTERM, however many arrive (a SIGTERM sent to the whole
   group or cgroup, as systemd does, plus the one the supervisor forwards, must not
@@ -20,7 +21,6 @@ set. Such a process then:
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -30,25 +30,35 @@ from dataclasses import dataclass
 from grpclib import events
 from grpclib.server import Server
 
-WORKER_ENV = "NUMBER_SERVICE_WORKER_INDEX"  # internal: set by the supervisor only
-WORKER_HEADER = "number-service-worker"  # initial metadata: which worker serves the stream
+from .logs import log
+
 READY = b"ready\n"  # what a worker writes to stdout once it listens
 HURRY_SIGNAL = signal.SIGUSR1  # supervisor to worker: cut the grace period short
 
-log = logging.getLogger("number_service")
+
+def worker_env(name: str) -> str:
+    """The environment variable that tells a worker of application ``name`` its index
+    (internal: set by the supervisor only)."""
+    return name.upper().replace("-", "_") + "_WORKER_INDEX"
+
+
+def worker_header(name: str) -> str:
+    """The initial metadata key that names the worker serving a stream."""
+    return f"{name.lower()}-worker"
 
 
 @dataclass(frozen=True)
 class Worker:
-    """This process is worker ``index`` of a supervisor."""
+    """This process is worker ``index`` of a supervisor of application ``name``."""
 
     index: int
+    name: str
 
     @classmethod
-    def from_env(cls) -> Worker | None:
-        """The worker this process is, if a supervisor started it."""
-        value = os.environ.get(WORKER_ENV)
-        return None if value is None else cls(int(value))
+    def from_env(cls, name: str) -> Worker | None:
+        """The worker this process is, if a supervisor of ``name`` started it."""
+        value = os.environ.get(worker_env(name))
+        return None if value is None else cls(int(value), name)
 
     @staticmethod
     def ignore_interrupts() -> None:
@@ -57,10 +67,12 @@ class Worker:
 
     def attach(self, server: Server) -> None:
         """Name this worker in the initial metadata of every stream ``server`` answers."""
-        events.listen(server, events.SendInitialMetadata, self._tag)
+        header, index = worker_header(self.name), str(self.index)
 
-    async def _tag(self, event: events.SendInitialMetadata) -> None:
-        event.metadata[WORKER_HEADER] = str(self.index)
+        async def tag(event: events.SendInitialMetadata) -> None:
+            event.metadata[header] = index
+
+        events.listen(server, events.SendInitialMetadata, tag)
 
     def install(self, stop: asyncio.Event, hurry: Callable[[], None]) -> Callable[[], None]:
         """Set ``stop`` on SIGTERM or when the supervisor goes away; call ``hurry``

@@ -12,7 +12,7 @@ Private attributes used here, with what each stands in for:
   GOAWAY is read before the call's task runs (its second reason overwrites the
   first), and has no public way to ask.
 
-With releases other than :data:`~number_service.serving.grpclib_ext.WRITTEN_FOR`,
+With releases other than :data:`~.WRITTEN_FOR`,
 each function gives what plain grpclib tells: no status, no GOAWAY.
 """
 

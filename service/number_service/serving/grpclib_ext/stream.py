@@ -77,7 +77,7 @@ class StreamLimits:
 
 
 def message_name(message_type: Any) -> str:
-    """The protobuf name of a message class (``tutorial.NumberRequest``), for statuses."""
+    """The protobuf name of a message class (``package.Message``), for statuses."""
     found = getattr(message_type, "DESCRIPTOR", None)
     full_name = getattr(found, "full_name", None)
     return full_name if isinstance(full_name, str) else message_type.__qualname__

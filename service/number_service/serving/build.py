@@ -1,0 +1,123 @@
+"""A server for any betterproto2 services, with what an operator needs around them.
+
+    serving = Serving.build([MyService()])       # StrictCodec, Limits() by default
+    await serving.start(bind("127.0.0.1", 0))
+    ...
+    await serving.shutdown(grace=10)             # the drain
+
+:meth:`Serving.build` adds to the services health (``grpc.health.v1``, one status for
+the whole server and each service), reflection (v1 and v1alpha, from betterproto2's
+descriptors), stream tracking with metrics and one log line per stream, and the
+limits. :meth:`Serving.shutdown` is the graceful drain that grpclib's
+``graceful_exit`` lacks (grpclib issues #107, #148): it waits for the streams of the
+services' own methods, not for health's Watch streams nor reflection's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl as _ssl  # the parameter of Serving.start is called ssl, as in grpclib
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from grpclib.encoding.base import CodecBase
+from grpclib.health.check import ServiceStatus
+from grpclib.health.service import Health
+from grpclib.server import Server
+
+from . import grpclib_ext
+from .codec import StrictCodec
+from .limits import Limits
+from .logs import log, log_stream_end
+from .metrics import Metrics
+from .reflection import with_reflection
+from .streams import SHUTDOWN_MESSAGE, Servable, Streams
+
+STOP_WAIT = 5.0  # seconds past the grace period that a shutdown waits for connections
+
+
+@dataclass
+class Serving:
+    """A grpclib server of some services with health, reflection, stream tracking,
+    metrics and logs, and its drain; made by :meth:`build`."""
+
+    server: Server
+    streams: Streams
+    health: ServiceStatus
+    metrics: Metrics = field(default_factory=Metrics)
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def build(
+        cls,
+        services: Collection[Servable],
+        *,
+        codec: CodecBase | None = None,
+        limits: Limits | None = None,
+        shutdown_message: str = SHUTDOWN_MESSAGE,
+    ) -> Serving:
+        """Serve ``services`` with ``codec`` (default :class:`StrictCodec`) within
+        ``limits`` (default :class:`Limits`' defaults); a stream a drain has to end
+        gets UNAVAILABLE with ``shutdown_message``."""
+        limits = Limits() if limits is None else limits
+        health = ServiceStatus()
+        served = with_reflection([*services, Health({service: [health] for service in services})])
+        server = grpclib_ext.make_server(
+            served,
+            codec=StrictCodec() if codec is None else codec,
+            config=limits.grpclib_config(),
+            stream_limits=limits.stream_limits(),
+            connection_limits=limits.connection_limits(),
+        )
+        drained = [path for service in services for path in service.__mapping__()]
+        streams = Streams(server, served, drained=drained, shutdown_message=shutdown_message)
+        streams.on_end.append(log_stream_end)
+        built = cls(server, streams, health, limits=limits)
+        built.metrics.attach(streams)
+        return built
+
+    @property
+    def connections(self) -> grpclib_ext.Connections | None:
+        """The open connections and their counts; None under plain grpclib."""
+        server = self.server
+        return server.connections if isinstance(server, grpclib_ext.Server) else None
+
+    async def start(self, sock: socket.socket, ssl: _ssl.SSLContext | None = None) -> None:
+        """Serve on ``sock``; with ``ssl`` (see ``tls.server_context``), TLS only.
+
+        A TLS client must finish its handshake within ``limits.tls_handshake_timeout``
+        seconds or is disconnected: until then the connection cap and keepalive do
+        not see the connection (asyncio makes the protocol only after the handshake).
+        """
+        if isinstance(self.server, grpclib_ext.Server):
+            await self.server.start_on(
+                sock, ssl=ssl, ssl_handshake_timeout=self.limits.tls_handshake_timeout
+            )
+        else:  # plain grpclib: asyncio's 60 s handshake timeout
+            await self.server.start(sock=sock, ssl=ssl)
+        self.health.set(True)
+
+    async def shutdown(self, grace: float) -> None:
+        """Drain: NOT_SERVING, no new connections or streams, in-flight streams get
+        ``grace`` seconds to finish; those left end with UNAVAILABLE. Then every
+        connection is closed, so that clients holding one cannot keep it waiting."""
+        self.health.set(False)
+        # Plain grpclib has no way to stop listening alone: its close() would also
+        # cancel every stream at once. Its new streams are refused (Streams.drain).
+        if isinstance(self.server, grpclib_ext.Server):
+            self.server.stop_listening()
+        in_flight = self.streams.drained_in_flight
+        log.info("draining: not listening; up to %g s for %d stream(s)", grace, in_flight)
+        ended = await self.streams.drain(grace)
+        if ended:
+            log.warning("grace period over: ended %d stream(s) with UNAVAILABLE", ended)
+        # Cancels what still runs (health Watch streams, say) and closes every
+        # connection (grpclib_ext.Connections): from Python 3.12.1 wait_closed()
+        # waits for them, and plain grpclib's close() leaves them to the clients.
+        self.server.close()
+        bound = grace + STOP_WAIT
+        try:
+            await asyncio.wait_for(self.server.wait_closed(), bound)
+        except TimeoutError:
+            log.warning("connections still open %g s after the drain; stopping without them", bound)
