@@ -21,7 +21,8 @@ GROUPS = (
     ("h2", "/h2/"),
     ("hyperframe", "/hyperframe/"),
     ("hpack", "/hpack/"),
-    ("number_service", "/number_service/"),
+    ("number_service.serving", "/number_service/serving/"),  # the serving layer
+    ("number_service", "/number_service/"),  # NumberService itself
     ("number_service_gen", "/number_service_gen/"),
     ("asyncio", "/asyncio/"),
     ("logging", "/logging/"),
