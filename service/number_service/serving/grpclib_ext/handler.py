@@ -12,9 +12,11 @@
   RFC 9113 section 8.3.1 asks of a malformed request, instead of a ``KeyError``
   traceback and a stream left open.
 
-:class:`Handler` is grpclib's per-connection ``Handler`` running that function; grpclib
-has no hook for either (private: ``Handler._tasks``, the protocol Stream's
-``reset_nowait``).
+:class:`Handler` is grpclib's per-connection ``Handler`` running that function. grpclib
+has no hook for either, so both use its private parts as its own do: its module
+function ``grpclib.server._abort`` (the error answers), the events dispatcher class
+``grpclib.events._DispatchServerEvents``, and ``Handler._tasks`` (the stream tasks
+its ``cancel`` and ``close`` use).
 """
 
 from __future__ import annotations

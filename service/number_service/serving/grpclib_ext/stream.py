@@ -26,8 +26,11 @@ Private grpclib attributes used here, with what they stand in for (grpclib has n
 public API for any of them; no upstream issue asks for one yet):
 ``grpclib.protocol.Buffer._unacked`` / ``_eof`` / ``_ack_callback`` (read what has
 arrived without awaiting per message), ``Stream._stream`` / ``_codec`` /
-``_dispatch`` / ``_recv_type`` / ``_send_type`` / ``_cardinality`` and the
-``_send_*_done`` flags (grpclib's own Stream state, which this subclass extends).
+``_dispatch`` / ``_recv_type`` / ``_send_type`` / ``_cardinality``, the
+``_send_*_done`` flags and the ``_messages_sent`` / ``_messages_received`` counts
+(grpclib's own Stream state, which this subclass extends), and the dispatcher's
+``_listeners`` (whether anyone listens to RecvMessage/SendMessage: grpclib's events
+have no public way to ask, and building an event per message costs).
 """
 
 from __future__ import annotations
