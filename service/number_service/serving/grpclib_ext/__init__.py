@@ -4,7 +4,8 @@ Each module names the private attributes it uses and the missing API or upstream
 issue they stand in for. They were written against the versions in
 :data:`WRITTEN_FOR`: with any other installed, :func:`make_server` says so in one log
 line and serves with plain grpclib behaviour instead of breaking (no batching, no
-coalesced writes, none of the per-stream or per-connection limits of this package).
+coalesced writes, none of the per-stream or per-connection limits of this package),
+and the client-side functions (:mod:`.client`) give plain grpclib's answers.
 """
 
 from __future__ import annotations
