@@ -36,7 +36,7 @@ from h2.events import (
     StreamReset,
     TrailersReceived,
 )
-from hyperframe.frame import Frame, PingFrame, SettingsFrame
+from hyperframe.frame import Frame, GoAwayFrame, PingFrame, SettingsFrame
 
 HOST = "127.0.0.1"
 TIMEOUT = 5.0  # seconds: the longest any single network wait here may take
@@ -102,6 +102,12 @@ class Received:
     def settings_acked(self) -> bool:
         """Whether the server acknowledged a SETTINGS frame of ours."""
         return any(isinstance(f, SettingsFrame) and "ACK" in f.flags for f in self.frames)
+
+    def goaway(self) -> GoAwayFrame | None:
+        """The GOAWAY the server sent, if it sent one."""
+        found = [f for f in self.frames if isinstance(f, GoAwayFrame)]
+        assert len(found) <= 1, f"more than one GOAWAY: {found}"
+        return found[0] if found else None
 
     def ping_acked(self, opaque: bytes) -> bool:
         """Whether the server acknowledged the PING that carried ``opaque``."""

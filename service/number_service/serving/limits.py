@@ -12,7 +12,19 @@ underscore-named):
   with a GOAWAY, advertises ``max_concurrent_streams`` in the server's HTTP/2
   SETTINGS (a stream over it gets RST_STREAM REFUSED_STREAM), and is closed with a
   GOAWAY once it has had no stream for ``idle_timeout`` seconds
-  (:meth:`Limits.connection_limits`).
+  (:meth:`Limits.connection_limits`);
+- every connection also defends against HTTP/2 floods (``grpclib_ext.floods``): it
+  hands h2 at most ``max_frames_per_turn`` frames per event-loop turn (fairness
+  between connections), and closes a connection that breaks a flood limit with a
+  GOAWAY ENHANCE_YOUR_CALM and one warning: empty frames, PRIORITY, WINDOW_UPDATE,
+  PING and SETTINGS floods, streams reset before they are answered (Rapid Reset),
+  control frames queued for a client that does not read (:meth:`Limits.flood_limits`);
+- every stream counts the request bytes it holds (received, not yet handed to the
+  handler, a partial message included) against a budget of its connection
+  (``max_connection_buffer``) and of the process (``max_process_buffer``): a
+  stream whose bytes would go over either ends with RESOURCE_EXHAUSTED and frees
+  them. What the client may send beyond that is HTTP/2 flow control's: grpclib's
+  windows, 4 MiB per connection.
 
 With grpclib or h2 releases the extensions were not written for, the server is plain
 grpclib's and only keepalive applies. Keepalive pings (and closing a peer that does
@@ -25,7 +37,7 @@ from dataclasses import dataclass
 
 from grpclib.config import Configuration
 
-from .grpclib_ext import ConnectionLimits, StreamLimits
+from .grpclib_ext import ConnectionLimits, FloodLimits, StreamLimits
 
 DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024  # gRPC's default maximum received message
 DEFAULT_MAX_CONCURRENT_STREAMS = 100  # h2's and grpclib's until now; gRPC core's too
@@ -34,6 +46,17 @@ DEFAULT_KEEPALIVE_TIME = 300.0  # seconds between pings on each connection
 DEFAULT_KEEPALIVE_TIMEOUT = 20.0  # seconds for a ping's answer; gRPC's default
 DEFAULT_IDLE_TIMEOUT = None  # off, as gRPC's MaxConnectionIdle: see Limits.idle_timeout
 DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds a TLS client has to finish its handshake
+# Flood limits, after Envoy's http2_protocol_options and grpc-go's ping policy.
+DEFAULT_MAX_EMPTY_FRAMES = 1  # Envoy's max_consecutive_inbound_frames_with_empty_payload
+DEFAULT_MAX_PRIORITY_FRAMES = 100  # Envoy's max_inbound_priority_frames_per_stream
+DEFAULT_MAX_WINDOW_UPDATES = 10  # Envoy's max_inbound_window_update_frames_per_data_frame_sent
+DEFAULT_MIN_PING_INTERVAL = 300.0  # grpc-go's keepalive.EnforcementPolicy MinTime (5 min)
+DEFAULT_MAX_SETTINGS = 10  # SETTINGS frames with no data sent in between
+DEFAULT_MAX_RESETS = 100  # streams reset before they are answered (Rapid Reset)
+DEFAULT_MAX_QUEUED_CONTROL_FRAMES = 1000  # Envoy's max_outbound_control_frames
+DEFAULT_MAX_FRAMES_PER_TURN = 100  # frames of one connection handed to h2 per loop turn
+DEFAULT_MAX_CONNECTION_BUFFER = 16 * 1024 * 1024  # request bytes held per connection
+DEFAULT_MAX_PROCESS_BUFFER = 256 * 1024 * 1024  # request bytes held by all connections
 
 
 @dataclass(frozen=True)
@@ -54,6 +77,19 @@ class Limits:
     # (asyncio's ssl_handshake_timeout). Such a connection is not yet counted by
     # max_connections nor seen by keepalive: both start once the handshake is done.
     tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT
+    # HTTP/2 flood limits of each connection (see grpclib_ext/floods.py for the rules).
+    max_empty_frames: int | None = DEFAULT_MAX_EMPTY_FRAMES  # in a row
+    max_priority_frames: int | None = DEFAULT_MAX_PRIORITY_FRAMES  # per stream opened
+    max_window_updates: int | None = DEFAULT_MAX_WINDOW_UPDATES  # per DATA frame sent
+    min_ping_interval: float | None = DEFAULT_MIN_PING_INTERVAL  # seconds, without data
+    max_settings: int | None = DEFAULT_MAX_SETTINGS  # without data sent
+    max_resets: int | None = DEFAULT_MAX_RESETS  # streams reset before an answer
+    max_queued_control_frames: int | None = DEFAULT_MAX_QUEUED_CONTROL_FRAMES
+    max_frames_per_turn: int | None = DEFAULT_MAX_FRAMES_PER_TURN
+    # Request bytes held (received, not yet handed to a handler), per connection and
+    # per process; a stream that would go over ends with RESOURCE_EXHAUSTED.
+    max_connection_buffer: int | None = DEFAULT_MAX_CONNECTION_BUFFER
+    max_process_buffer: int | None = DEFAULT_MAX_PROCESS_BUFFER
 
     def __post_init__(self) -> None:
         if self.max_message_size < 1:
@@ -63,6 +99,21 @@ class Limits:
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError("max_connections must be at least 1 (None: no cap)")
         for name in (
+            "max_empty_frames",
+            "max_priority_frames",
+            "max_window_updates",
+            "max_settings",
+            "max_resets",
+            "max_queued_control_frames",
+            "max_frames_per_turn",
+            "max_connection_buffer",
+            "max_process_buffer",
+        ):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a whole number, at least 1 (None: off)")
+        for name in (
+            "min_ping_interval",
             "keepalive_time",
             "keepalive_timeout",
             "idle_timeout",
@@ -85,6 +136,20 @@ class Limits:
             max_connections=self.max_connections,
             max_concurrent_streams=self.max_concurrent_streams,
             idle_timeout=self.idle_timeout,
+            floods=self.flood_limits(),
+        )
+
+    def flood_limits(self) -> FloodLimits:
+        """The HTTP/2 flood limits every connection enforces."""
+        return FloodLimits(
+            max_empty_frames=self.max_empty_frames,
+            max_priority_frames=self.max_priority_frames,
+            max_window_updates=self.max_window_updates,
+            min_ping_interval=self.min_ping_interval,
+            max_settings=self.max_settings,
+            max_resets=self.max_resets,
+            max_queued_control_frames=self.max_queued_control_frames,
+            frames_per_turn=self.max_frames_per_turn,
         )
 
     def grpclib_config(self) -> Configuration:

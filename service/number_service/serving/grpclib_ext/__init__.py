@@ -21,6 +21,7 @@ from grpclib.encoding.base import CodecBase
 from grpclib.server import Server as GrpclibServer
 
 from .connections import ConnectionLimits, Connections
+from .floods import FloodLimits
 from .server import Server
 from .stream import BATCH, BatchingStream, Counter, StreamLimits, message_name
 
@@ -31,6 +32,7 @@ __all__ = [
     "ConnectionLimits",
     "Connections",
     "Counter",
+    "FloodLimits",
     "Server",
     "StreamLimits",
     "count_messages",

@@ -13,17 +13,25 @@ still calls ``pause_writing``/``resume_writing`` on the protocol.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
+
+#: ``watch(data, unsent)``: told each chunk written to the socket's transport, and
+#: what that transport's buffer holds after it (not 0: the peer is not reading).
+Watch = Callable[[bytes, int], None]
 
 
 class CoalescingTransport(asyncio.Transport):
     """A transport that buffers ``write`` until the next loop turn, then sends once."""
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, watch: Watch | None = None) -> None:
         super().__init__()
         self._transport = transport
         self._loop = asyncio.get_running_loop()
         self._pending: list[bytes] = []
+        self._watch = watch
+        self._linger = False  # close() only half-closes: see linger()
+        self._closing = False  # half-closed by close(): nothing more is written
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
@@ -37,19 +45,34 @@ class CoalescingTransport(asyncio.Transport):
             return
         data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
         self._pending.clear()
-        if not self._transport.is_closing():
-            self._transport.write(data)
+        transport = self._transport
+        if not self._closing and not transport.is_closing():
+            transport.write(data)
+            if self._watch is not None:
+                self._watch(data, transport.get_write_buffer_size())
+
+    def linger(self) -> None:
+        """Make :meth:`close` send what is written and then a FIN, and go on reading
+        (the protocol drops what comes, and closes, or aborts, later). A client still
+        sending when a socket is closed gets a TCP RST, which may destroy the GOAWAY
+        before it reads it (nginx's "lingering close"). Not under TLS."""
+        self._linger = True
 
     def close(self) -> None:
         self._flush()  # a GOAWAY written just before closing still goes out
-        self._transport.close()
+        transport = self._transport
+        if self._linger and transport.can_write_eof() and not transport.is_closing():
+            self._closing = True
+            transport.write_eof()
+        else:
+            transport.close()
 
     def abort(self) -> None:
         self._pending.clear()
         self._transport.abort()
 
     def is_closing(self) -> bool:
-        return self._transport.is_closing()
+        return self._closing or self._transport.is_closing()
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._transport.get_extra_info(name, default)

@@ -10,6 +10,17 @@ connection. On top of grpclib's own protocol it
   a stream over it with RST_STREAM(REFUSED_STREAM), as RFC 9113 section 5.1.2 asks,
   where h2 would end the whole connection;
 - closes a connection that has had no stream for ``idle_timeout`` seconds, with a GOAWAY;
+- defends against HTTP/2 floods (:mod:`.floods` does the accounting, sans I/O): hands
+  h2 at most ``frames_per_turn`` frames per event-loop turn (reading paused for the
+  rest), and closes a connection that breaks a flood limit with a GOAWAY
+  (ENHANCE_YOUR_CALM, or the protocol error) and one warning naming the peer and
+  the limit; a connection error h2 finds (bad HPACK, a bad frame) gets h2's GOAWAY
+  and an info line, where grpclib would drop it unsaid;
+- refuses request headers h2 cannot decode as ASCII with RST_STREAM(PROTOCOL_ERROR)
+  (a stream error, where h2's UnicodeDecodeError escaped as a "Fatal error"
+  traceback), gives an HPACK decoding error its COMPRESSION_ERROR (RFC 9113 4.3),
+  ignores frames of unknown types (RFC 9113 5.5; grpclib dropped the connection),
+  and queues no empty DATA frame (grpclib queued every one, ~100 B each);
 - is in its server's :class:`Connections`, so that the server's ``close()`` closes
   every connection once what it holds is written (grpclib leaves them to the clients).
 
@@ -20,7 +31,15 @@ Private attributes used here, with what each stands in for:
 - h2's ``H2Connection._frame_dispatch_table`` (its HEADERS handler, wrapped) and
   ``_closed_streams``: h2 4 raises TooManyStreamsError, a connection error, for a
   stream over the limit, and has no hook to refuse just that stream (no upstream
-  issue found; RFC 9113 5.1.2 allows either, gRPC clients expect REFUSED_STREAM).
+  issue found; RFC 9113 5.1.2 allows either, gRPC clients expect REFUSED_STREAM);
+  the same wrapper turns h2's UnicodeDecodeError (it decodes headers with grpclib's
+  ``header_encoding='ascii'``) into a stream reset and HPACK errors into
+  COMPRESSION_ERROR. ``_closed_streams`` is also made smaller: h2 keeps how each of
+  the last 65,536 streams closed (~100 B each) for every connection.
+- grpclib's ``EventsProcessor.processors`` (its event dispatch, which has no entry
+  for h2's UnknownFrameReceived, and queues empty DATA) and ``H2Protocol``'s
+  ``connection.feed`` / ``processor`` (its ``data_received``, done here in slices):
+  grpclib has no flood defence nor any hook for what it is fed (no upstream issue).
 - grpclib's ``EventsProcessor.register``, wrapped per connection: grpclib has no event
   for a stream's start and end on a connection, which the idle timeout needs (grpclib
   has no idle timeout: grpc's MaxConnectionIdle has no grpclib equivalent).
@@ -36,24 +55,33 @@ from typing import Any, cast
 from grpclib.config import Configuration
 from grpclib.protocol import AbstractHandler, H2Protocol
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
-from h2.exceptions import ProtocolError, TooManyStreamsError
+from h2.events import DataReceived, UnknownFrameReceived
+from h2.exceptions import DenialOfServiceError, ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
 from h2.stream import StreamClosedBy
-from hyperframe.frame import Frame, HeadersFrame, RstStreamFrame
+from h2.utilities import SizeLimitDict
+from hpack.exceptions import HPACKError, OversizedHeaderListError
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
 
 from .coalesce import CoalescingTransport
+from .floods import FloodLimits, FrameAccounting, Verdict
 
 log = logging.getLogger(__name__)
 
 CLOSE_WAIT = 1.0  # seconds a connection closed at shutdown gets to write what it holds
+#: How many closed streams h2 remembers per connection (how each closed: a late frame on
+#: a stream reset is answered RST_STREAM, on one ended, a connection error). h2 keeps
+#: 65,536; a gRPC client sends frames on a stream only until it sees its end, so the
+#: last few hundred are the ones that matter.
+CLOSED_STREAMS_KEPT = 1024
 
 
 class ConnectionLimits:
     """What one server's connections may be; None: no limit."""
 
-    __slots__ = ("idle_timeout", "max_concurrent_streams", "max_connections")
+    __slots__ = ("floods", "idle_timeout", "max_concurrent_streams", "max_connections")
 
     def __init__(
         self,
@@ -61,10 +89,12 @@ class ConnectionLimits:
         max_connections: int | None = None,
         max_concurrent_streams: int | None = None,
         idle_timeout: float | None = None,
+        floods: FloodLimits | None = None,
     ) -> None:
         self.max_connections = max_connections  # open at once
         self.max_concurrent_streams = max_concurrent_streams  # None: h2's default (100)
         self.idle_timeout = idle_timeout  # seconds without a stream before the close
+        self.floods = FloodLimits() if floods is None else floods  # what frames may be
 
 
 class Connections:
@@ -75,6 +105,7 @@ class Connections:
         self.open = 0  # connections admitted and not yet closed
         self.refused = 0  # connections refused at the cap, in all
         self.idle_closed = 0  # connections closed by the idle timeout, in all
+        self.cut = 0  # connections closed for breaking a flood limit, in all
         self.closing = False  # close() was called: connections made from now on are refused
         self.live: set[Connection] = set()  # every connection made and not yet lost
         self._refused_in_burst = 0  # refused since the cap was last reached
@@ -147,6 +178,13 @@ class Connection(H2Protocol):
         self._admitted = False  # False: refused, or not yet made
         self._idle: asyncio.TimerHandle | None = None
         self.lost: asyncio.Future[None] | None = None  # done once the connection is gone
+        self._accounting: FrameAccounting | None = None
+        self._inbound = bytearray()  # received, not yet handed to h2 (whole frames later)
+        self._paused = False  # reading paused while frames wait for a later turn
+        self._turn: asyncio.Handle | None = None  # the next turn's slice
+        self._done = False  # closed by us for a flood or a protocol error
+        self._abort_later: asyncio.TimerHandle | None = None
+        self._coalescing: CoalescingTransport | None = None  # the transport grpclib writes to
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -166,15 +204,23 @@ class Connection(H2Protocol):
         self._admitted = True
         # A stream transport, though not always an asyncio.Transport subclass
         # (uvloop's is not): only its methods are used.
-        super().connection_made(CoalescingTransport(cast(asyncio.Transport, transport)))
+        self._accounting = FrameAccounting(limits.floods)
+        coalescing = CoalescingTransport(cast(asyncio.Transport, transport), watch=self._sent)
+        self._coalescing = coalescing
+        super().connection_made(coalescing)
         h2 = _h2(self)
+        self._accounting.max_frame_size = h2.max_inbound_frame_size
+        h2._closed_streams = SizeLimitDict(size_limit=CLOSED_STREAMS_KEPT)
+        processors = self.processor.processors
+        processors[UnknownFrameReceived] = _ignore
+        processors[DataReceived] = _without_empty_data(processors[DataReceived])  # type: ignore[arg-type]
         wanted = limits.max_concurrent_streams
         if wanted is not None and wanted != h2.local_settings.max_concurrent_streams:
             # h2 sent its default (100) in the first SETTINGS; this sends a second.
             # h2 enforces the new value once the client has acknowledged it.
             h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: wanted})
             self.connection.flush()
-        _refuse_streams_over_limit(h2)
+        _guard_headers(h2)
         if limits.idle_timeout is not None:
             self._watch_idle()
 
@@ -266,9 +312,137 @@ class Connection(H2Protocol):
 
     # --- asyncio's calls: grpclib's protocol only for an admitted connection ------------
 
+    # --- what the client sends: in slices, accounted ----------------------------------
+
     def data_received(self, data: bytes) -> None:
-        if self._admitted:
-            super().data_received(data)
+        if not self._admitted or self._done:
+            return
+        if self._inbound:
+            self._inbound += data
+            self._take()
+        else:
+            self._take(data)
+
+    def _take(self, data: bytes | None = None) -> None:
+        """Hand h2 this turn's slice of whole frames (``data``, else what waits in
+        ``_inbound``); keep the rest, and come back next turn if whole frames are left."""
+        self._turn = None
+        transport = self._transport
+        accounting = self._accounting
+        if self._done or transport is None or transport.is_closing() or accounting is None:
+            return
+        take = accounting.received(self._inbound if data is None else data)
+        end = take.end
+        if data is None:
+            chunk = bytes(self._inbound[:end])
+            del self._inbound[:end]
+        else:
+            chunk = data if end == len(data) else data[:end]
+            if end < len(data):
+                self._inbound = bytearray(data[end:])
+        if chunk:
+            self._feed(chunk)
+        verdict = take.verdict or accounting.verdict
+        if verdict is not None:
+            self._cut(verdict)
+            return
+        if self._done or transport.is_closing():
+            return
+        reading = cast(asyncio.ReadTransport, transport)
+        if take.more:
+            if not self._paused:
+                self._paused = True
+                reading.pause_reading()
+            self._turn = asyncio.get_running_loop().call_soon(self._take)
+        elif self._paused:
+            self._paused = False
+            reading.resume_reading()
+
+    def _feed(self, chunk: bytes) -> None:
+        """grpclib's ``H2Protocol.data_received``, with a GOAWAY for h2's protocol errors."""
+        try:
+            events = self.connection.feed(chunk)
+        except ProtocolError as err:
+            self._protocol_error(err)
+            return
+        self.connection.flush()
+        for event in events:
+            self.processor.process(event)
+        self.connection.flush()
+
+    def _sent(self, data: bytes, unsent: int) -> None:
+        """Told every write to the socket (``CoalescingTransport``'s watch)."""
+        accounting = self._accounting
+        if accounting is None or self._done:
+            return
+        verdict = accounting.sent(data, unsent=unsent)
+        if verdict is not None:
+            asyncio.get_running_loop().call_soon(self._cut, verdict)
+
+    def _cut(self, verdict: Verdict) -> None:
+        """Close a connection that broke a flood limit: GOAWAY, the close, one warning."""
+        if self._done or self._transport is None or self._coalescing is None:
+            return
+        self._done = True
+        self._connections.cut += 1
+        h2 = _h2(self)
+        self.connection.flush()  # what h2 holds goes first
+        goaway(
+            self._coalescing,
+            h2.highest_inbound_stream_id,
+            verdict.code,
+            verdict.reason,
+        )
+        frames = self._accounting.frames if self._accounting is not None else 0
+        # A flood is worth a warning; a frame too long is a broken client, like the
+        # protocol errors h2 finds.
+        level = logging.WARNING if verdict.code is ErrorCodes.ENHANCE_YOUR_CALM else logging.INFO
+        log.log(
+            level,
+            "closed the connection from %s after %d frames: %s (GOAWAY %s)",
+            peer(self._transport),
+            frames,
+            verdict.reason,
+            verdict.code.name,
+            extra={"peer": peer(self._transport), "limit": verdict.reason},
+        )
+        self._close_now()
+
+    def _protocol_error(self, err: ProtocolError) -> None:
+        """h2 found a connection error: send its GOAWAY (or ours, if it queued none)."""
+        self._done = True
+        code = ErrorCodes(err.error_code)
+        self.connection.flush()
+        if self._coalescing is not None and _h2(self).state_machine.state is not (
+            ConnectionState.CLOSED
+        ):
+            # h2 sent no GOAWAY (a bad preface, found before its frame loop): ours.
+            goaway(self._coalescing, 0, code, str(err))
+        level = logging.WARNING if isinstance(err, DenialOfServiceError) else logging.INFO
+        log.log(
+            level,
+            "closed the connection from %s: %s (GOAWAY %s)",
+            peer(self._transport),
+            err,
+            code.name,
+            extra={"peer": peer(self._transport)},
+        )
+        self._close_now()
+
+    def _close_now(self) -> None:
+        """Stop every stream and close; abort if the client does not read it in time."""
+        self._stop_idle()
+        if self._turn is not None:
+            self._turn.cancel()
+            self._turn = None
+        self._inbound = bytearray()
+        if self._coalescing is not None:
+            self._coalescing.linger()  # the client reads the GOAWAY; what it sends is dropped
+        if self._paused and self._transport is not None:
+            self._paused = False
+            cast(asyncio.ReadTransport, self._transport).resume_reading()
+        self.processor.close("connection closed by the server")
+        self._abort_later = asyncio.get_running_loop().call_later(CLOSE_WAIT, self.abort)
 
     def pause_writing(self) -> None:
         if self._admitted:
@@ -280,6 +454,11 @@ class Connection(H2Protocol):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._stop_idle()
+        for handle in (self._turn, self._abort_later):
+            if handle is not None:
+                handle.cancel()
+        self._turn = self._abort_later = None
+        self._inbound = bytearray()
         if self._admitted:
             self._admitted = False
             self._connections.open -= 1
@@ -296,33 +475,103 @@ def _h2(protocol: H2Protocol) -> H2Connection:
     return h2
 
 
-def _refuse_streams_over_limit(h2: H2Connection) -> None:
-    """Answer a stream opened over SETTINGS_MAX_CONCURRENT_STREAMS with RST_STREAM
-    REFUSED_STREAM, as RFC 9113 section 5.1.2 requires, and let the others carry on.
+def _guard_headers(h2: H2Connection) -> None:
+    """Wrap h2's HEADERS handler (in the private ``_frame_dispatch_table``; h2 has no
+    public hook) so that
 
-    h2 4 instead raises TooManyStreamsError, a connection error, and grpclib then
-    drops the whole connection with every stream on it. h2 has no public hook for
-    this, so its HEADERS handler in the private ``_frame_dispatch_table`` is
-    wrapped. The refused stream is then closed-by-reset for h2: later frames on it
-    get RST_STREAM and their flow-control credit back, as for any reset stream.
+    - a stream opened over SETTINGS_MAX_CONCURRENT_STREAMS gets RST_STREAM
+      REFUSED_STREAM, as RFC 9113 section 5.1.2 requires, and the others carry on
+      (h2 4 raises TooManyStreamsError, a connection error, and grpclib then drops
+      the whole connection). The refused stream is closed-by-reset for h2: later
+      frames on it get RST_STREAM and their flow-control credit back;
+    - headers that are not ASCII (grpclib has h2 decode them as ``ascii``) make a
+      malformed request: RST_STREAM(PROTOCOL_ERROR), a stream error; h2's
+      UnicodeDecodeError would escape as a "Fatal error" traceback;
+    - an HPACK decoding error is a connection error COMPRESSION_ERROR (RFC 9113
+      section 4.3; h2 says PROTOCOL_ERROR), a header list over h2's limit one of
+      ENHANCE_YOUR_CALM (h2's DenialOfServiceError), on refused streams too.
     """
     table = h2._frame_dispatch_table
     receive_headers = table[HeadersFrame]
 
-    def refusing(frame: HeadersFrame) -> tuple[list[Frame], list[Any]]:
+    def guarded(frame: HeadersFrame) -> tuple[list[Frame], list[Any]]:
         try:
             handled: tuple[list[Frame], list[Any]] = receive_headers(frame)
             return handled
         except TooManyStreamsError:
-            h2.decoder.decode(frame.data)  # keep HPACK state in step with the client
+            _decode(h2, frame.data)  # keep HPACK state in step with the client
             stream_id = frame.stream_id
             h2.highest_inbound_stream_id = max(h2.highest_inbound_stream_id, stream_id)
             h2._closed_streams[stream_id] = StreamClosedBy.SEND_RST_STREAM
             reset = RstStreamFrame(stream_id)
             reset.error_code = ErrorCodes.REFUSED_STREAM
             return [reset], []
+        except UnicodeDecodeError:
+            h2.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)  # queues the RST
+            return [], []
+        except DenialOfServiceError:
+            raise
+        except ProtocolError as err:
+            if isinstance(err.__cause__, HPACKError):
+                raise compression_error(err) from err
+            raise
 
-    table[HeadersFrame] = refusing
+    table[HeadersFrame] = guarded
+
+
+def _decode(h2: H2Connection, block: bytes) -> None:
+    """Decode a header block only to keep HPACK state; errors as h2 would raise them."""
+    try:
+        h2.decoder.decode(block, raw=True)
+    except OversizedHeaderListError as err:
+        raise DenialOfServiceError(f"Oversized header block: {err}") from err
+    except (HPACKError, IndexError, TypeError, UnicodeDecodeError) as err:
+        raise compression_error(ProtocolError(f"Error decoding header block: {err}")) from err
+
+
+def compression_error(err: ProtocolError) -> ProtocolError:
+    """A ProtocolError with the code of an HPACK decoding error, COMPRESSION_ERROR."""
+    error = ProtocolError(str(err))
+    error.error_code = ErrorCodes.COMPRESSION_ERROR
+    return error
+
+
+def _ignore(event: object) -> None:
+    """An h2 event that needs nothing done (a frame of an unknown type)."""
+
+
+def _without_empty_data(process: Callable[[DataReceived], None]) -> Callable[[DataReceived], None]:
+    """grpclib's DataReceived processing, skipping DATA frames with nothing in them:
+    grpclib queues each one in its stream's buffer (an end of stream is its own
+    event, StreamEnded), so they cost memory and flow-control nothing."""
+
+    def process_data(event: DataReceived) -> None:
+        if event.data or event.flow_controlled_length:
+            process(event)
+
+    return process_data
+
+
+def goaway(
+    transport: asyncio.BaseTransport, last_stream_id: int, code: ErrorCodes, reason: str
+) -> None:
+    """Write a GOAWAY frame (outside h2's state machine: h2 4.4 closes its connection
+    once it sends one) with ``last_stream_id``, error ``code`` and ``reason`` as its
+    debug data, to a stream ``transport``; the caller closes it, if it wants to."""
+    frame = GoAwayFrame(0)
+    frame.last_stream_id = last_stream_id
+    frame.error_code = code
+    frame.additional_data = reason.encode()
+    cast(asyncio.WriteTransport, transport).write(frame.serialize())
+
+
+def peer(transport: asyncio.BaseTransport | None) -> str:
+    """The client's address as ``host:port`` (``[host]:port`` for IPv6), for logs."""
+    address = None if transport is None else transport.get_extra_info("peername")
+    if not isinstance(address, tuple) or len(address) < 2:
+        return "unknown"
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
 def refuse(transport: asyncio.BaseTransport, reason: str) -> None:
