@@ -147,7 +147,7 @@ async def test_reflection_lists_services_on_both_versions(
 
 @pytest.fixture
 async def metrics_port(number_server: RunningServer) -> AsyncIterator[int]:
-    endpoint = MetricsEndpoint(number_server.instance.metrics, "127.0.0.1", 0)
+    endpoint = await MetricsEndpoint.start(number_server.instance.metrics, "127.0.0.1", 0)
     yield endpoint.port
     await endpoint.close()
 

@@ -209,7 +209,7 @@ def main() -> None:
 @_serve_option(
     "--max-message-size",
     type=click.IntRange(min=1),
-    default=limits.DEFAULT_MAX_MESSAGE_SIZE,
+    default=server.MAX_MESSAGE_SIZE,
     help="Largest request message, bytes (at least 1); a larger one ends its stream "
     "with RESOURCE_EXHAUSTED.",
 )
@@ -252,6 +252,75 @@ def main() -> None:
     help="Seconds a stream may go without a request before it ends with "
     "DEADLINE_EXCEEDED. 0: never.",
 )
+@_serve_option(
+    "--max-empty-frames",
+    type=click.IntRange(min=0),
+    default=limits.DEFAULT_MAX_EMPTY_FRAMES,
+    help="Empty DATA/HEADERS/CONTINUATION frames (no END_STREAM) a client may send in a "
+    "row; one more closes its connection (GOAWAY ENHANCE_YOUR_CALM). 0: no limit.",
+)
+@_serve_option(
+    "--max-priority-frames",
+    type=click.IntRange(min=0),
+    default=limits.DEFAULT_MAX_PRIORITY_FRAMES,
+    help="PRIORITY frames per stream a client opens; more close its connection. 0: no limit.",
+)
+@_serve_option(
+    "--max-window-updates",
+    type=click.IntRange(min=0),
+    default=limits.DEFAULT_MAX_WINDOW_UPDATES,
+    help="WINDOW_UPDATE frames per DATA frame the server sends (+5 + 2 per stream); more "
+    "close the connection. 0: no limit.",
+)
+@_serve_option(
+    "--min-ping-interval",
+    type=click.FloatRange(min=0),
+    default=limits.DEFAULT_MIN_PING_INTERVAL,
+    help="Seconds a client should leave between PINGs while the server sends no data; "
+    "the third PING sooner closes its connection (too_many_pings). 0: no limit.",
+)
+@_serve_option(
+    "--max-settings",
+    type=click.IntRange(min=0),
+    default=limits.DEFAULT_MAX_SETTINGS,
+    help="SETTINGS frames a client may send while the server sends no data; more close "
+    "its connection. 0: no limit.",
+)
+@_serve_option(
+    "--max-resets",
+    type=click.IntRange(min=0),
+    default=limits.DEFAULT_MAX_RESETS,
+    help="Streams of a connection reset before the server answered them; more (once "
+    "they are over half its streams) close it (Rapid Reset). 0: no limit.",
+)
+@_serve_option(
+    "--max-queued-control-frames",
+    type=click.IntRange(min=0),
+    default=limits.DEFAULT_MAX_QUEUED_CONTROL_FRAMES,
+    help="PING/SETTINGS/RST_STREAM answers queued for a client that does not read; more "
+    "close its connection. 0: no limit.",
+)
+@_serve_option(
+    "--max-frames-per-turn",
+    type=click.IntRange(min=0),
+    default=limits.DEFAULT_MAX_FRAMES_PER_TURN,
+    help="Frames of one connection handled per event-loop turn, so that others are "
+    "served meanwhile. 0: no limit.",
+)
+@_serve_option(
+    "--max-connection-buffer",
+    type=click.IntRange(min=0),
+    default=limits.DEFAULT_MAX_CONNECTION_BUFFER,
+    help="Request bytes a connection's streams may make the server hold (partial messages "
+    "included); a stream going over ends with RESOURCE_EXHAUSTED. 0: no limit.",
+)
+@_serve_option(
+    "--max-process-buffer",
+    type=click.IntRange(min=0),
+    default=limits.DEFAULT_MAX_PROCESS_BUFFER,
+    help="Request bytes all connections together may make the server hold; a stream "
+    "going over ends with RESOURCE_EXHAUSTED. 0: no limit.",
+)
 def serve(
     host: str,
     port: int,
@@ -271,6 +340,16 @@ def serve(
     keepalive_timeout: float,
     idle_timeout: float,
     stream_idle_timeout: float,
+    max_empty_frames: int,
+    max_priority_frames: int,
+    max_window_updates: int,
+    min_ping_interval: float,
+    max_settings: int,
+    max_resets: int,
+    max_queued_control_frames: int,
+    max_frames_per_turn: int,
+    max_connection_buffer: int,
+    max_process_buffer: int,
 ) -> None:
     """Run the server in the foreground until SIGTERM or SIGINT, then drain and exit 0.
 
@@ -298,6 +377,16 @@ def serve(
             keepalive_timeout=keepalive_timeout,
             idle_timeout=idle_timeout or None,
             stream_idle_timeout=stream_idle_timeout or None,
+            max_empty_frames=max_empty_frames or None,
+            max_priority_frames=max_priority_frames or None,
+            max_window_updates=max_window_updates or None,
+            min_ping_interval=min_ping_interval or None,
+            max_settings=max_settings or None,
+            max_resets=max_resets or None,
+            max_queued_control_frames=max_queued_control_frames or None,
+            max_frames_per_turn=max_frames_per_turn or None,
+            max_connection_buffer=max_connection_buffer or None,
+            max_process_buffer=max_process_buffer or None,
         ),
     )
     config.tls = _server_tls(tls_cert, tls_key, tls_client_ca)

@@ -127,7 +127,10 @@ class Limits:
     def stream_limits(self) -> StreamLimits:
         """The limits every stream enforces itself."""
         return StreamLimits(
-            max_message_size=self.max_message_size, idle_timeout=self.stream_idle_timeout
+            max_message_size=self.max_message_size,
+            idle_timeout=self.stream_idle_timeout,
+            max_connection_buffer=self.max_connection_buffer,
+            max_process_buffer=self.max_process_buffer,
         )
 
     def connection_limits(self) -> ConnectionLimits:

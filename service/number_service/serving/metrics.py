@@ -2,7 +2,8 @@
 
 Fed by :class:`~.streams.Streams`, which listens to grpclib's event hooks once for
 all its consumers; kept in a registry of their own (several servers may share a
-process, as in tests) and served over HTTP at ``/metrics`` by prometheus-client.
+process, as in tests) and served over HTTP at ``/metrics`` on the event loop
+(:class:`MetricsEndpoint`: h11 for HTTP, prometheus-client for the text).
 
 Where values live is the command's choice (:func:`use_values`): in memory in a plain
 ``serve``, whatever the environment says, and in prometheus-client's multiprocess files
@@ -13,13 +14,15 @@ itself keeps prometheus-client's own rule (``PROMETHEUS_MULTIPROC_DIR``).
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
-import threading
-from wsgiref.simple_server import WSGIServer
+import urllib.parse
 
+import h11
 from grpclib.const import Status
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import values as prometheus_values
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from .streams import StreamRecord, Streams
@@ -192,24 +195,152 @@ class LostStreams:
 
 
 class MetricsEndpoint:
-    """``/metrics`` over HTTP on a thread of its own, as prometheus-client serves it."""
+    """``/metrics`` over HTTP/1.1 on the event loop: h11 parses, prometheus-client renders.
 
-    def __init__(self, metrics: Metrics | CollectorRegistry, host: str, port: int) -> None:
+    prometheus-client's own server (``start_http_server``) starts a thread per
+    connection with no timeout and no cap: 500 half-sent requests made 500 threads.
+    Here a connection is a coroutine; at most :data:`MAX_CONNECTIONS` are open (a new
+    one closes the oldest), each request must arrive whole within
+    :data:`REQUEST_TIMEOUT` seconds and its head within :data:`MAX_REQUEST_HEAD`
+    bytes (else 400, or the close), and keep-alive connections are served in turn.
+    Any path answers, as prometheus-client's does; ``?name[]=`` selects metrics,
+    ``Accept`` chooses OpenMetrics, ``Accept-Encoding: gzip`` compresses.
+    """
+
+    def __init__(self, registry: CollectorRegistry, server: asyncio.Server) -> None:
+        self._registry = registry
+        self._server = server
+        self._open: dict[asyncio.Task[None], None] = {}  # open connections, oldest first
+
+    @classmethod
+    async def start(
+        cls, metrics: Metrics | CollectorRegistry, host: str, port: int
+    ) -> MetricsEndpoint:
         """Serve ``metrics`` (or any registry, e.g. the workers' multiprocess one)."""
         registry = metrics.registry if isinstance(metrics, Metrics) else metrics
-        self._httpd: WSGIServer
-        self._thread: threading.Thread
+        endpoint: MetricsEndpoint | None = None
+
+        def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            assert endpoint is not None
+            endpoint._accept(reader, writer)
+
         try:
-            self._httpd, self._thread = start_http_server(port, host, registry)
+            server = await asyncio.start_server(connected, host, port)
         except OSError as err:
             reason = err.strerror or str(err)
             raise OSError(f"cannot serve metrics on {host}:{port}: {reason}") from None
+        endpoint = cls(registry, server)
+        return endpoint
 
     @property
     def port(self) -> int:
-        return int(self._httpd.server_address[1])
+        return int(self._server.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        await asyncio.to_thread(self._thread.join, 5)
+        """Stop listening and end every open connection."""
+        self._server.close()
+        tasks = list(self._open)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        await self._server.wait_closed()
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Serve a new connection; at the cap, the oldest open one makes room (a
+        scraper's request takes milliseconds: the one waiting longest is a client
+        that does not finish its request, or a keep-alive one, which reconnects)."""
+        if len(self._open) >= MAX_CONNECTIONS:
+            oldest = next(iter(self._open))
+            del self._open[oldest]
+            oldest.cancel()
+        task = asyncio.get_running_loop().create_task(self._serve(reader, writer))
+        self._open[task] = None
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._open.pop(task, None)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(REQUEST_TIMEOUT):
+                        request = await _next_request(connection, reader)
+                except h11.RemoteProtocolError as err:
+                    if connection.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                        writer.write(_respond(connection, err.error_status_hint, b"bad request\n"))
+                        await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+                    return
+                if request is None:
+                    return
+                status, headers, body = self._answer(request)
+                writer.write(_respond(connection, status, body, headers))
+                await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+                if connection.our_state is not h11.DONE or connection.their_state is not h11.DONE:
+                    return
+                connection.start_next_cycle()
+        except (TimeoutError, ConnectionError, h11.LocalProtocolError):
+            writer.transport.abort()  # a client that does not send, or does not read
+        finally:
+            writer.close()
+
+    def _answer(self, request: h11.Request) -> tuple[int, list[tuple[str, str]], bytes]:
+        if request.method not in (b"GET", b"HEAD"):
+            return 405, [("Allow", "GET, HEAD")], b"method not allowed\n"
+        target = urllib.parse.urlsplit(request.target.decode("ascii", "replace"))
+        names = urllib.parse.parse_qs(target.query).get("name[]")
+        registry = self._registry.restricted_registry(names) if names else self._registry
+        fields = {name.lower(): value for name, value in request.headers}
+        encoder, content_type = choose_encoder(fields.get(b"accept", b"").decode("latin-1"))
+        body = encoder(registry)
+        headers = [("Content-Type", content_type)]
+        if b"gzip" in fields.get(b"accept-encoding", b""):
+            body = gzip.compress(body)
+            headers.append(("Content-Encoding", "gzip"))
+        if request.method == b"HEAD":
+            headers.append(("Content-Length", str(len(body))))
+            body = b""
+        return 200, headers, body
+
+
+MAX_CONNECTIONS = 16  # metrics connections open at once (a scraper needs one)
+REQUEST_TIMEOUT = 10.0  # seconds for a whole request to arrive (and for the answer to go)
+MAX_REQUEST_HEAD = 8192  # bytes of request line and headers
+
+
+async def _next_request(
+    connection: h11.Connection, reader: asyncio.StreamReader
+) -> h11.Request | None:
+    """The next whole request (its body read and dropped), or None at end of file."""
+    request: h11.Request | None = None
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            data = await reader.read(MAX_REQUEST_HEAD)
+            connection.receive_data(data)
+            if not data and connection.their_state is h11.IDLE:
+                return None
+            continue
+        if isinstance(event, h11.Request):
+            request = event
+        elif isinstance(event, h11.EndOfMessage):
+            return request
+        elif isinstance(event, h11.ConnectionClosed):
+            return None
+
+
+def _respond(
+    connection: h11.Connection,
+    status: int,
+    body: bytes,
+    headers: list[tuple[str, str]] | None = None,
+) -> bytes:
+    headers = headers or [("Content-Type", "text/plain; charset=utf-8")]
+    if not any(name == "Content-Length" for name, _ in headers):
+        headers = [*headers, ("Content-Length", str(len(body)))]
+    out = connection.send(h11.Response(status_code=status, headers=headers)) or b""
+    if body:
+        out += connection.send(h11.Data(data=body)) or b""
+    return out + (connection.send(h11.EndOfMessage()) or b"")

@@ -77,7 +77,9 @@ async def serve(
         worker.attach(built.server)
     endpoint = None
     if config.metrics_port is not None:
-        endpoint = MetricsEndpoint(built.metrics, config.metrics_host, config.metrics_port)
+        endpoint = await MetricsEndpoint.start(
+            built.metrics, config.metrics_host, config.metrics_port
+        )
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, endpoint.port)
     stop = asyncio.Event()
     if worker is None:

@@ -219,7 +219,7 @@ class Supervisor:
                 registry = CollectorRegistry()
                 MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
                 host = self.config.metrics_host
-                endpoint = MetricsEndpoint(registry, host, self.config.metrics_port)
+                endpoint = await MetricsEndpoint.start(registry, host, self.config.metrics_port)
                 log.info("metrics of all workers on http://%s:%d/metrics", host, endpoint.port)
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_signal)

@@ -8,22 +8,32 @@
 - a request whose deadline is already over when it is handled ends with
   DEADLINE_EXCEEDED; grpclib raises inside ``DeadlineWrapper.start`` before its
   wrapper is armed, so it logs "Timeout occurred" with a traceback and answers UNKNOWN;
-- request headers without ``:method`` or ``:path`` get RST_STREAM(PROTOCOL_ERROR), as
-  RFC 9113 section 8.3.1 asks of a malformed request, instead of a ``KeyError``
-  traceback and a stream left open.
+- malformed request headers (RFC 9113 sections 8.2 and 8.3.1: a missing, empty,
+  repeated or unknown pseudo-header, a pseudo-header after a regular one, an empty
+  or upper-case name, a connection-specific header, a NUL, CR or LF in a value, a
+  ``:scheme`` other than http or https) get RST_STREAM(PROTOCOL_ERROR) at once:
+  grpclib turns h2's header validation off, and a missing ``:method`` or ``:path``
+  was a ``KeyError`` traceback and a stream left open.
+
+Its ``Handler`` also forgets each stream's task as soon as it is done: grpclib keeps
+done and cancelled tasks until every 10th new stream (``__gc_interval__``), and a
+cancelled handler's traceback holds its stream, with every byte it had buffered.
 
 :class:`Handler` is grpclib's per-connection ``Handler`` running that function. grpclib
 has no hook for either, so both use its private parts as its own do: its module
 function ``grpclib.server._abort`` (the error answers), the events dispatcher class
 ``grpclib.events._DispatchServerEvents``, and ``Handler._tasks`` (the stream tasks
-its ``cancel`` and ``close`` use).
+its ``cancel`` and ``close`` use) and ``_cancelled`` (those cancelled, which its
+``wait_closed`` waits for).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 from grpclib import const, protocol
@@ -37,7 +47,7 @@ from grpclib.metadata import Deadline, decode_metadata
 from grpclib.utils import DeadlineWrapper, Wrapper
 from h2.errors import ErrorCodes
 
-from .stream import BatchingStream, Counter, StreamLimits
+from .stream import BatchingStream, Budget, Counter, StreamLimits
 
 log = logging.getLogger("grpclib.server")  # grpclib's own logger, as its handler's
 
@@ -55,16 +65,17 @@ async def request_handler(
     release_stream: Callable[[], Any],
     limits: StreamLimits,
     counter: Counter | None,
+    budget: Budget | None = None,
 ) -> None:
     """Handle one request (see the module docstring for what differs from grpclib's)."""
     try:
-        headers_map = dict(headers)
-        method = headers_map.get(":method")
-        method_name = headers_map.get(":path")
-        if method is None or method_name is None:
+        if malformed(headers) is not None:
             if h2_stream.closable:
                 h2_stream.reset_nowait(ErrorCodes.PROTOCOL_ERROR)
             return
+        headers_map = dict(headers)
+        method = headers_map[":method"]
+        method_name = headers_map[":path"]
         if method != "POST":
             await grpclib_server._abort(h2_stream, 405)
             return
@@ -119,6 +130,7 @@ async def request_handler(
             user_agent=user_agent,
             limits=limits,
             counter=counter,
+            budget=budget,
         )
         async with stream:
             wrapper: Wrapper
@@ -179,6 +191,52 @@ async def request_handler(
         release_stream()
 
 
+_PSEUDO = frozenset((":method", ":scheme", ":path", ":authority"))
+_REQUIRED = (":method", ":scheme", ":path")
+_SCHEMES = frozenset(("http", "https"))
+# Connection-specific header fields (RFC 9113 section 8.2.2); "te" may only say "trailers".
+_CONNECTION_SPECIFIC = frozenset(
+    ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade")
+)
+_BAD_IN_VALUES = ("\x00", "\r", "\n")
+
+
+def malformed(headers: _Headers) -> str | None:
+    """What makes request ``headers`` malformed (RFC 9113 sections 8.2, 8.3.1), or
+    None. h2 would check most of this, but grpclib turns its validation off (and h2
+    makes it a connection error, where a malformed request is a stream error)."""
+    seen: set[str] = set()
+    regular = False
+    for name, value in headers:
+        if not name:
+            return "an empty header name"
+        if name[0] == ":":
+            if regular:
+                return f"{name} after a regular header"
+            if name not in _PSEUDO:
+                return f"unknown pseudo-header {name}"
+            if name in seen:
+                return f"{name} twice"
+            seen.add(name)
+        else:
+            regular = True
+            if name != name.lower():
+                return f"upper-case header name {name!r}"
+            if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
+                return f"connection-specific header {name}"
+        if any(bad in value for bad in _BAD_IN_VALUES):
+            return f"NUL, CR or LF in {name}"
+    for name in _REQUIRED:
+        if name not in seen:
+            return f"no {name}"
+    values = dict(headers)
+    if not values[":path"] or not values[":method"]:
+        return "an empty :path or :method"
+    if values[":scheme"] not in _SCHEMES:
+        return f":scheme {values[':scheme']!r}"
+    return None
+
+
 class Handler(grpclib_server.Handler):
     """grpclib's per-connection Handler, running :func:`request_handler` for each stream."""
 
@@ -187,11 +245,13 @@ class Handler(grpclib_server.Handler):
         *args: Any,
         limits: StreamLimits,
         counter: Counter | None = None,
+        budget: Budget | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.limits = limits
         self.counter = counter
+        self.budget = budget  # the request bytes this connection's streams may hold
 
     def accept(
         self,
@@ -200,7 +260,7 @@ class Handler(grpclib_server.Handler):
         release_stream: Callable[[], Any],
     ) -> None:
         self.__gc_step__()
-        self._tasks[stream] = self.loop.create_task(
+        self._tasks[stream] = task = self.loop.create_task(
             request_handler(
                 self.mapping,
                 stream,
@@ -211,5 +271,20 @@ class Handler(grpclib_server.Handler):
                 release_stream,
                 self.limits,
                 self.counter,
+                self.budget,
             )
         )
+        task.add_done_callback(partial(self._forget, stream))
+
+    def _forget(self, stream: protocol.Stream, task: asyncio.Task[None]) -> None:
+        """A stream's task is done: drop it now, not at grpclib's next sweep."""
+        if self._tasks.get(stream) is task:
+            del self._tasks[stream]
+        self._cancelled.discard(task)
+
+    def cancel(self, stream: protocol.Stream) -> None:
+        """grpclib's cancel, for a task that may already be forgotten."""
+        task = self._tasks.pop(stream, None)
+        if task is not None and not task.done():
+            task.cancel()
+            self._cancelled.add(task)

@@ -34,7 +34,7 @@ from grpclib.server import Server as GrpclibServer
 
 from .connections import Connection, ConnectionLimits, Connections
 from .handler import Handler
-from .stream import Counter, StreamLimits
+from .stream import Budget, Counter, StreamLimits
 
 
 class Server(GrpclibServer):
@@ -54,6 +54,8 @@ class Server(GrpclibServer):
             handlers, codec=codec, status_details_codec=status_details_codec, config=config
         )
         self.stream_limits = StreamLimits() if stream_limits is None else stream_limits
+        #: The request bytes all connections' streams hold, within max_process_buffer.
+        self.budget = Budget(self.stream_limits.max_process_buffer, "--max-process-buffer")
         #: Every open connection, with the counts of the connection limits.
         self.connections = Connections(
             ConnectionLimits() if connection_limits is None else connection_limits
@@ -70,6 +72,9 @@ class Server(GrpclibServer):
             self.__dispatch__,
             limits=self.stream_limits,
             counter=self.counter,
+            budget=Budget(
+                self.stream_limits.max_connection_buffer, "--max-connection-buffer", self.budget
+            ),
         )
         self._handlers.add(handler)
         return Connection(handler, self._config, self._h2_config, self.connections)

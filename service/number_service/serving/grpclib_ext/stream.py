@@ -70,13 +70,50 @@ Counter = Callable[[int, int], None]
 class StreamLimits:
     """What one stream may make the server hold or wait for; None: no limit."""
 
-    __slots__ = ("idle_timeout", "max_message_size")
+    __slots__ = ("idle_timeout", "max_connection_buffer", "max_message_size", "max_process_buffer")
 
     def __init__(
-        self, *, max_message_size: int | None = None, idle_timeout: float | None = None
+        self,
+        *,
+        max_message_size: int | None = None,
+        idle_timeout: float | None = None,
+        max_connection_buffer: int | None = None,
+        max_process_buffer: int | None = None,
     ) -> None:
         self.max_message_size = max_message_size
         self.idle_timeout = idle_timeout
+        self.max_connection_buffer = max_connection_buffer  # request bytes held, per connection
+        self.max_process_buffer = max_process_buffer  # and by all connections together
+
+
+class Budget:
+    """Request bytes that streams hold (received, not yet handed to their handler):
+    one connection's, within its process's (``parent``); None: no limit."""
+
+    __slots__ = ("flag", "held", "limit", "parent")
+
+    def __init__(self, limit: int | None, flag: str, parent: Budget | None = None) -> None:
+        self.limit = limit
+        self.flag = flag  # the option that sets it, for statuses
+        self.parent = parent
+        self.held = 0
+
+    def take(self, size: int) -> Budget | None:
+        """Count ``size`` more bytes in; the budget that refuses them, or None."""
+        if self.limit is not None and self.held + size > self.limit:
+            return self
+        if self.parent is not None:
+            refused = self.parent.take(size)
+            if refused is not None:
+                return refused
+        self.held += size
+        return None
+
+    def give(self, size: int) -> None:
+        """Count ``size`` bytes out (handed to the handler, or dropped)."""
+        self.held -= size
+        if self.parent is not None:
+            self.parent.give(size)
 
 
 def message_name(message_type: Any) -> str:
@@ -92,12 +129,14 @@ class BatchingStream(Stream[_Recv, _Send]):
     # Slots: grpclib's Stream keeps its own state in a __dict__, and ours in it too
     # would make that dict grow, ~1.5 KB more per open stream (tracemalloc).
     __slots__ = (
+        "_budget",
         "_buffer",
         "_counter",
         "_ended",
         "_failure",
         "_flushed",
         "_flushing",
+        "_held",
         "_last_request",
         "_limits",
         "_nudged",
@@ -108,6 +147,7 @@ class BatchingStream(Stream[_Recv, _Send]):
         "_received",
         "_run",
         "_sent",
+        "_spent",
         "_unacked",
         "_unary_reply",
         "_watch_recv",
@@ -119,11 +159,15 @@ class BatchingStream(Stream[_Recv, _Send]):
         *args: Any,
         limits: StreamLimits,
         counter: Counter | None = None,
+        budget: Budget | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._limits = limits
         self._counter = counter
+        self._budget = budget  # its connection's; None: no limit
+        self._held = 0  # bytes counted in the budget: received and not yet handed out
+        self._spent = 0  # of those, decoded into _ready: given back once it is empty
         self._buffer: Buffer = self._stream.buffer
         self._pending = bytearray()  # bytes received; from _pos on, not yet decoded
         self._pos = 0
@@ -171,6 +215,9 @@ class BatchingStream(Stream[_Recv, _Send]):
                 if self._watch_recv:
                     (message,) = await self._dispatch.recv_message(message)
                 return message  # type: ignore[no-any-return]
+            if self._spent:  # the batch is handed out: its bytes are the handler's now
+                self._give(self._spent)
+                self._spent = 0
             if self._failure is not None:
                 raise self._failure
             self._take_arrived()
@@ -233,13 +280,41 @@ class BatchingStream(Stream[_Recv, _Send]):
         inside a message for the end of the stream).
         """
         data, size, ack_size = item
-        if data:
+        if data and self._failure is None:
+            budget = self._budget
+            if budget is not None:
+                refused = budget.take(size)
+                if refused is not None:
+                    self._failure = over_budget(refused)
+                    self._drop()
+                    return ack_size  # all of its window back: the stream keeps nothing
+                self._held += size
             if self._pos:  # drop what is decoded before growing: a large message
                 del self._pending[: self._pos]  # in many frames is not copied again
                 self._pos = 0
             self._pending += data
             self._unacked += size
+        elif data:  # the stream has failed: it keeps nothing more
+            return ack_size
         return ack_size - size
+
+    def _give(self, size: int) -> None:
+        self._held -= size
+        if self._budget is not None:
+            self._budget.give(size)
+
+    def _drop(self) -> None:
+        """Forget every request byte not yet handed out (the stream has failed or
+        ended), with its window and its place in the budget."""
+        if self._unacked and not self._stream.connection.is_closing():
+            self._buffer._ack_callback(self._unacked)
+        self._unacked = 0
+        self._pending = bytearray()
+        self._pos = 0
+        self._ready.clear()
+        if self._held:
+            self._give(self._held)
+        self._spent = 0
 
     def _decode(self) -> None:
         """Decode up to BATCH whole messages from ``_pending`` into ``_ready``; a bad
@@ -274,6 +349,8 @@ class BatchingStream(Stream[_Recv, _Send]):
             decoded += 1
         if not decoded:
             return
+        if self._held:
+            self._spent += pos - self._pos
         self._last_request = time.monotonic()
         # Window back for the requests decoded, as Buffer.read does for what it reads:
         # the last _unacked bytes of _pending are the ones not given back yet.
@@ -367,8 +444,11 @@ class BatchingStream(Stream[_Recv, _Send]):
         await super().send_trailing_metadata(**kwargs)
 
     def finish(self) -> None:
-        """The handler is done (however it ended): report what is left to count."""
+        """The handler is done (however it ended): report what is left to count, and
+        let go of every request byte at once (a cancelled handler's traceback would
+        keep the stream, and them, alive)."""
         self._count()
+        self._drop()
 
 
 def _consume(task: asyncio.Future[None]) -> None:
@@ -391,6 +471,16 @@ def too_large(size: int, max_size: int) -> GRPCError:
         Status.RESOURCE_EXHAUSTED,
         f"request message of {size} bytes is larger than the server's limit "
         f"of {max_size} bytes; send smaller messages or raise --max-message-size",
+    )
+
+
+def over_budget(budget: Budget) -> GRPCError:
+    """RESOURCE_EXHAUSTED for a stream whose request bytes would pass a budget."""
+    whose = "this connection's streams" if budget.parent is not None else "all connections"
+    return GRPCError(
+        Status.RESOURCE_EXHAUSTED,
+        f"request bytes held for {whose} would pass the server's limit of "
+        f"{budget.limit} bytes ({budget.flag}); send smaller messages, or fewer at once",
     )
 
 
