@@ -308,6 +308,13 @@ def main() -> None:
     "served meanwhile. 0: no limit.",
 )
 @_serve_option(
+    "--max-messages-per-turn",
+    type=click.IntRange(min=0),
+    default=limits.DEFAULT_MAX_MESSAGES_PER_TURN,
+    help="Requests one connection's streams take, together, per event-loop turn, so "
+    "that others are served meanwhile. 0: no limit.",
+)
+@_serve_option(
     "--max-connection-buffer",
     type=click.IntRange(min=0),
     default=limits.DEFAULT_MAX_CONNECTION_BUFFER,
@@ -348,6 +355,7 @@ def serve(
     max_resets: int,
     max_queued_control_frames: int,
     max_frames_per_turn: int,
+    max_messages_per_turn: int,
     max_connection_buffer: int,
     max_process_buffer: int,
 ) -> None:
@@ -385,6 +393,7 @@ def serve(
             max_resets=max_resets or None,
             max_queued_control_frames=max_queued_control_frames or None,
             max_frames_per_turn=max_frames_per_turn or None,
+            max_messages_per_turn=max_messages_per_turn or None,
             max_connection_buffer=max_connection_buffer or None,
             max_process_buffer=max_process_buffer or None,
         ),

@@ -55,6 +55,7 @@ DEFAULT_MAX_SETTINGS = 10  # SETTINGS frames with no data sent in between
 DEFAULT_MAX_RESETS = 100  # streams reset before they are answered (Rapid Reset)
 DEFAULT_MAX_QUEUED_CONTROL_FRAMES = 1000  # Envoy's max_outbound_control_frames
 DEFAULT_MAX_FRAMES_PER_TURN = 100  # frames of one connection handed to h2 per loop turn
+DEFAULT_MAX_MESSAGES_PER_TURN = 64  # requests one connection's streams take per loop turn
 DEFAULT_MAX_CONNECTION_BUFFER = 16 * 1024 * 1024  # request bytes held per connection
 DEFAULT_MAX_PROCESS_BUFFER = 256 * 1024 * 1024  # request bytes held by all connections
 
@@ -86,6 +87,7 @@ class Limits:
     max_resets: int | None = DEFAULT_MAX_RESETS  # streams reset before an answer
     max_queued_control_frames: int | None = DEFAULT_MAX_QUEUED_CONTROL_FRAMES
     max_frames_per_turn: int | None = DEFAULT_MAX_FRAMES_PER_TURN
+    max_messages_per_turn: int | None = DEFAULT_MAX_MESSAGES_PER_TURN  # all its streams'
     # Request bytes held (received, not yet handed to a handler), per connection and
     # per process; a stream that would go over ends with RESOURCE_EXHAUSTED.
     max_connection_buffer: int | None = DEFAULT_MAX_CONNECTION_BUFFER
@@ -106,6 +108,7 @@ class Limits:
             "max_resets",
             "max_queued_control_frames",
             "max_frames_per_turn",
+            "max_messages_per_turn",
             "max_connection_buffer",
             "max_process_buffer",
         ):
@@ -131,6 +134,7 @@ class Limits:
             idle_timeout=self.stream_idle_timeout,
             max_connection_buffer=self.max_connection_buffer,
             max_process_buffer=self.max_process_buffer,
+            messages_per_turn=self.max_messages_per_turn,
         )
 
     def connection_limits(self) -> ConnectionLimits:

@@ -10,6 +10,7 @@ Also here: the listening socket (:func:`bind`) and how addresses are written.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import socket
@@ -88,6 +89,11 @@ async def serve(
         undo_signals = worker.install(stop, built.streams.hurry)
     try:
         await built.start(sock, context)
+        # What start-up made lives as long as the process: out of the collector's
+        # sight, a full collection (which a flood of connections brings on) scans only
+        # what connections make. Measured under Rapid Reset: 39 ms pauses, then none.
+        gc.collect()
+        gc.freeze()
         mode = "" if config.tls is None else f" ({config.tls.mode})"
         if worker is None:
             log.info("listening on %s%s", host_port(*address_of(sock)), mode)

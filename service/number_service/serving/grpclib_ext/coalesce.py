@@ -63,7 +63,10 @@ class CoalescingTransport(asyncio.Transport):
         transport = self._transport
         if self._linger and transport.can_write_eof() and not transport.is_closing():
             self._closing = True
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # the peer is gone already (reset)
+                transport.abort()
         else:
             transport.close()
 

@@ -57,7 +57,7 @@ from grpclib.protocol import AbstractHandler, H2Protocol
 from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
-from h2.events import DataReceived, UnknownFrameReceived
+from h2.events import DataReceived, Event, RequestReceived, StreamReset, UnknownFrameReceived
 from h2.exceptions import DenialOfServiceError, ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
 from h2.stream import StreamClosedBy
@@ -366,6 +366,8 @@ class Connection(H2Protocol):
             self._protocol_error(err)
             return
         self.connection.flush()
+        if len(events) > 1:
+            events = _without_reset_requests(events)
         for event in events:
             self.processor.process(event)
         self.connection.flush()
@@ -534,6 +536,17 @@ def compression_error(err: ProtocolError) -> ProtocolError:
     error = ProtocolError(str(err))
     error.error_code = ErrorCodes.COMPRESSION_ERROR
     return error
+
+
+def _without_reset_requests(events: list[Event]) -> list[Event]:
+    """h2's events less the requests that the client reset in the same slice: grpclib
+    would make each its stream, buffer and task only to cancel them (Rapid Reset).
+    Their other events stay: grpclib gives the window of DATA for a stream it does
+    not know back at once."""
+    reset = {e.stream_id for e in events if isinstance(e, StreamReset) and e.remote_reset}
+    if not reset:
+        return events
+    return [e for e in events if not (isinstance(e, RequestReceived) and e.stream_id in reset)]
 
 
 def _ignore(event: object) -> None:

@@ -47,7 +47,7 @@ from grpclib.metadata import Deadline, decode_metadata
 from grpclib.utils import DeadlineWrapper, Wrapper
 from h2.errors import ErrorCodes
 
-from .stream import BatchingStream, Budget, Counter, StreamLimits
+from .stream import BatchingStream, Budget, Counter, StreamLimits, Turn
 
 log = logging.getLogger("grpclib.server")  # grpclib's own logger, as its handler's
 
@@ -66,6 +66,7 @@ async def request_handler(
     limits: StreamLimits,
     counter: Counter | None,
     budget: Budget | None = None,
+    turn: Turn | None = None,
 ) -> None:
     """Handle one request (see the module docstring for what differs from grpclib's)."""
     try:
@@ -131,6 +132,7 @@ async def request_handler(
             limits=limits,
             counter=counter,
             budget=budget,
+            turn=turn,
         )
         async with stream:
             wrapper: Wrapper
@@ -252,6 +254,8 @@ class Handler(grpclib_server.Handler):
         self.limits = limits
         self.counter = counter
         self.budget = budget  # the request bytes this connection's streams may hold
+        per_turn = limits.messages_per_turn
+        self.turn = None if per_turn is None else Turn(per_turn)  # their share of a loop turn
 
     def accept(
         self,
@@ -260,6 +264,10 @@ class Handler(grpclib_server.Handler):
         release_stream: Callable[[], Any],
     ) -> None:
         self.__gc_step__()
+        if malformed(headers) is not None:  # no task for a stream reset at once
+            stream.reset_nowait(ErrorCodes.PROTOCOL_ERROR)
+            release_stream()
+            return
         self._tasks[stream] = task = self.loop.create_task(
             request_handler(
                 self.mapping,
@@ -272,6 +280,7 @@ class Handler(grpclib_server.Handler):
                 self.limits,
                 self.counter,
                 self.budget,
+                self.turn,
             )
         )
         task.add_done_callback(partial(self._forget, stream))

@@ -18,8 +18,11 @@ betterproto2 (or any grpclib handler) runs on it unchanged, but:
 
 It also enforces, per stream: the maximum request size (decided from the 5-byte
 length prefix, before the body is buffered), an idle timeout between requests, and
-fairness (after :data:`BATCH` requests handed out without waiting, the answers go out
-and the loop gets a turn). The window of the client's flow control is given back only
+fairness (after :data:`BATCH` requests handed out without waiting, or once its
+connection's streams have had their share of a loop turn (:class:`Turn`), the
+answers go out and the loop gets a turn); and per connection and process, a budget
+of the request bytes streams hold (:class:`Budget`). The window of the client's flow
+control is given back only
 for requests decoded, as grpclib does for requests read.
 
 Private grpclib attributes used here, with what they stand in for (grpclib has no
@@ -70,7 +73,13 @@ Counter = Callable[[int, int], None]
 class StreamLimits:
     """What one stream may make the server hold or wait for; None: no limit."""
 
-    __slots__ = ("idle_timeout", "max_connection_buffer", "max_message_size", "max_process_buffer")
+    __slots__ = (
+        "idle_timeout",
+        "max_connection_buffer",
+        "max_message_size",
+        "max_process_buffer",
+        "messages_per_turn",
+    )
 
     def __init__(
         self,
@@ -79,11 +88,38 @@ class StreamLimits:
         idle_timeout: float | None = None,
         max_connection_buffer: int | None = None,
         max_process_buffer: int | None = None,
+        messages_per_turn: int | None = None,
     ) -> None:
         self.max_message_size = max_message_size
+        self.messages_per_turn = messages_per_turn  # per connection, all its streams
         self.idle_timeout = idle_timeout
         self.max_connection_buffer = max_connection_buffer  # request bytes held, per connection
         self.max_process_buffer = max_process_buffer  # and by all connections together
+
+
+class Turn:
+    """Requests one connection's streams may take, together, per event-loop turn.
+
+    Each stream already yields after :data:`BATCH` requests; but a connection with a
+    hundred busy streams would still get a hundred batches per turn, and a lock-step
+    client on another connection one answer per ~50 ms. Past ``limit`` requests in a
+    turn, the connection's streams wait for the next one."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self) -> bool:
+        """Count one request in; False once the turn's share is used up."""
+        if not self.used:  # the first of this turn: start afresh at the next
+            asyncio.get_running_loop().call_soon(self._next_turn)
+        self.used += 1
+        return self.used <= self.limit
+
+    def _next_turn(self) -> None:
+        self.used = 0
 
 
 class Budget:
@@ -148,6 +184,7 @@ class BatchingStream(Stream[_Recv, _Send]):
         "_run",
         "_sent",
         "_spent",
+        "_turn",
         "_unacked",
         "_unary_reply",
         "_watch_recv",
@@ -160,12 +197,14 @@ class BatchingStream(Stream[_Recv, _Send]):
         limits: StreamLimits,
         counter: Counter | None = None,
         budget: Budget | None = None,
+        turn: Turn | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self._limits = limits
         self._counter = counter
         self._budget = budget  # its connection's; None: no limit
+        self._turn = turn  # its connection's share of each loop turn; None: no limit
         self._held = 0  # bytes counted in the budget: received and not yet handed out
         self._spent = 0  # of those, decoded into _ready: given back once it is empty
         self._buffer: Buffer = self._stream.buffer
@@ -205,10 +244,14 @@ class BatchingStream(Stream[_Recv, _Send]):
         while True:
             ready = self._ready
             if ready:
-                if self._run >= BATCH:  # a whole batch without waiting: let others run
+                turn = self._turn
+                if self._run >= BATCH or (turn is not None and not turn.take()):
+                    # A whole batch without waiting, or the connection's share of this
+                    # loop turn is used up (by its other streams too): let others run.
                     self._run = 0
                     await self.flush()
                     await asyncio.sleep(0)
+                    continue
                 self._run += 1
                 self._received += 1
                 message = ready.pop(0)
