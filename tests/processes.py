@@ -95,6 +95,20 @@ class Lines:
                 return line
         pytest.fail(f"no line with {text!r}; got so far: {self.text()!r}")
 
+    def drain(self) -> list[str]:
+        """The lines that have arrived and not been read yet, without waiting."""
+        lines: list[str] = []
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                return lines
+            if line is None:  # end of file: leave it for get()
+                self._queue.put(None)
+                return lines
+            self.seen.append(line)
+            lines.append(line)
+
     def text(self) -> str:
         return "".join(self.seen)
 

@@ -48,6 +48,8 @@ Private attributes used here, with what each stands in for:
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 from collections.abc import Callable
 from typing import Any, cast
@@ -455,6 +457,10 @@ class Connection(H2Protocol):
             super().resume_writing()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        accounting = self._accounting
+        if accounting is not None and accounting.received_bytes >= TRIM_AFTER:
+            trim_memory_soon()  # what its buffers took, once its handlers are done
+        self._accounting = None
         self._stop_idle()
         for handle in (self._turn, self._abort_later):
             if handle is not None:
@@ -469,6 +475,53 @@ class Connection(H2Protocol):
         self._connections.live.discard(self)
         if self.lost is not None and not self.lost.done():
             self.lost.set_result(None)
+
+
+#: A connection that sent this many bytes had its buffers (DATA payloads in h2's and
+#: grpclib's queues, streams' partial messages) allocated from the C heap, in pieces of
+#: 16 KiB and up: once it closes, the freed memory is given back to the system.
+TRIM_AFTER = 1 << 20
+TRIM_EVERY = 1.0  # seconds between trims, at least
+TRIM_DELAY = 0.2  # seconds after the connection is lost
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (another C library, another system)."""
+    name = ctypes.util.find_library("c")
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError, TypeError):
+        return None
+    return trim
+
+
+_trim = _libc_trim()
+_trim_at: float | None = None  # when the trim asked for will run (None: none asked)
+_last_trim = -TRIM_EVERY
+
+
+def trim_memory_soon() -> None:
+    """Give the C heap's free memory back to the system in TRIM_DELAY seconds (once
+    a closed connection's handlers are done), or as soon after the last trim as
+    TRIM_EVERY allows; one trim for every connection that closes meanwhile.
+
+    Without it, a connection that buffered megabytes left the process's RSS ~20 MiB
+    higher after it closed (glibc keeps freed memory between live allocations). A
+    trim takes ~0.03 ms on a heap of this size."""
+    global _trim_at
+    if _trim is None or _trim_at is not None:
+        return
+    loop = asyncio.get_running_loop()
+    _trim_at = max(loop.time() + TRIM_DELAY, _last_trim + TRIM_EVERY)
+    loop.call_at(_trim_at, _trim_now)
+
+
+def _trim_now() -> None:
+    global _trim_at, _last_trim
+    _trim_at = None
+    _last_trim = asyncio.get_running_loop().time()
+    if _trim is not None:
+        _trim(0)
 
 
 def _h2(protocol: H2Protocol) -> H2Connection:

@@ -9,7 +9,7 @@ verdict into a GOAWAY, the close and one warning.
 
 It also cuts what a client sends into slices of whole frames, at most
 ``frames_per_turn`` per event-loop turn (a HEADERS frame counting as
-:data:`HEADERS_COST`), so that one connection cannot hold the loop (the rest waits
+:data:`HEADERS_COST`) and :data:`TURN_BYTES`, so that one connection cannot hold the loop (the rest waits
 for the next turn, with reading paused), and refuses a frame longer
 than SETTINGS_MAX_FRAME_SIZE as soon as its header arrives (h2 would buffer it whole).
 
@@ -53,6 +53,10 @@ HEADER_SIZE = 9
 #: and opening its stream cost h2 ~4 times what a small DATA frame does (measured
 #: ~30 us against ~8 us), and a turn's slice should take about as long whatever it holds.
 HEADERS_COST = 4
+#: Bytes of frames handed to h2 per turn, at most (one frame always goes): h2 and
+#: grpclib copy what they are given two or three times, and 100 frames of 16 KiB were
+#: ~5 MB of copies per turn, which left the heap fragmented.
+TURN_BYTES = 64 * 1024
 PING_STRIKES = 2  # grpc-go's maxPingStrikes: the third strike closes the connection
 DEFAULT_FRAME_SIZE = 16_384  # SETTINGS_MAX_FRAME_SIZE's initial value, h2's too
 STREAMS_KEPT = 10_000  # streams followed at most (h2 allows 100 open; a safety cap)
@@ -134,6 +138,7 @@ class FrameAccounting:
         self.clock = clock
         self.verdict: Verdict | None = None  # the first limit broken, if any
         self.frames = 0  # frames received, in all
+        self.received_bytes = 0  # their bytes, headers included
         self.opened = 0  # streams the client opened
         self.data_sent = 0  # DATA frames the server sent
         self.resets = 0  # RST_STREAM on streams not answered, either way
@@ -167,8 +172,9 @@ class FrameAccounting:
                 return Take(pos, False, None)
         budget = self.limits.frames_per_turn
         count = 0
+        start = pos
         while size - pos >= HEADER_SIZE:
-            if budget is not None and count >= budget:
+            if budget is not None and (count >= budget or pos - start >= TURN_BYTES):
                 return Take(pos, self._whole_frame_at(data, pos), None)
             length = int.from_bytes(data[pos : pos + 3], "big")
             if length > self.max_frame_size:
@@ -190,6 +196,7 @@ class FrameAccounting:
             if verdict is not None:
                 return Take(pos, False, verdict)
             pos += HEADER_SIZE + length
+            self.received_bytes += HEADER_SIZE + length
             count += HEADERS_COST if kind == HEADERS else 1
         return Take(pos, False, None)
 
