@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,7 +37,7 @@ from scraping import scrape
 
 from number_service import INT32_MAX, NumberClient, build_server, healthcheck
 from number_service.pytest_plugin import RunningServer
-from number_service.serving.metrics import MetricsEndpoint
+from number_service.serving.metrics import MAX_CONNECTIONS, MetricsEndpoint
 from number_service.serving.run import address_of, bind
 
 SERVICE = "tutorial.NumberService"
@@ -150,6 +151,49 @@ async def metrics_port(number_server: RunningServer) -> AsyncIterator[int]:
     endpoint = await MetricsEndpoint.start(number_server.instance.metrics, "127.0.0.1", 0)
     yield endpoint.port
     await endpoint.close()
+
+
+async def test_half_sent_metrics_requests_take_no_thread_and_do_not_block_scrapes(
+    number_server_client: NumberClient, metrics_port: int
+) -> None:
+    """500 connections each sending half a request and waiting: prometheus-client's
+    own server started a thread for each (2 -> 502 threads). The endpoint runs on the
+    event loop: no thread is started, at most MAX_CONNECTIONS stay open (each new
+    one closes the oldest), and a scrape in the middle of it is answered."""
+    assert [s async for s in number_server_client.accumulate([1])] == [1]
+    threads = threading.active_count()
+    held = []
+    try:
+        for _ in range(500):
+            reader, writer = await asyncio.open_connection("127.0.0.1", metrics_port)
+            writer.write(b"GET /metr")
+            held.append((reader, writer))
+        await asyncio.sleep(0.2)
+        assert threading.active_count() == threads
+        metrics = await asyncio.to_thread(scrape, metrics_port)
+        assert any(name == "grpc_server_started_total" for name, _ in metrics), metrics
+        open_now = 0
+        for reader, _ in held:
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                if await asyncio.wait_for(reader.read(1), 0.01) == b"":
+                    continue  # closed by the server
+            open_now += 1
+        assert open_now <= MAX_CONNECTIONS, open_now
+    finally:
+        for _, writer in held:
+            writer.transport.abort()
+
+
+async def test_a_metrics_request_head_over_8_kib_is_refused(metrics_port: int) -> None:
+    """A request head that goes on past MAX_REQUEST_HEAD gets a 4xx and the close,
+    instead of being buffered without end."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", metrics_port)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20_000)
+        answer = await asyncio.wait_for(reader.read(), 10)
+        assert answer.startswith(b"HTTP/1.1 4"), answer[:100]
+    finally:
+        writer.close()
 
 
 async def test_metrics_count_a_known_workload(
