@@ -21,9 +21,10 @@ streams opened, a fresh stream after the soak is wrong, the server does not stop
 cleanly on SIGTERM, or the server's RSS grows after the warm-up by more than
 ``--rss-tolerance`` MiB. The default is 4 MiB plus 5% of the RSS after warm-up
 (allocator slack), plus what h2 keeps by design: each connection remembers the
-ids of up to 65,536 closed streams (H2Connection.MAX_CLOSED_STREAMS, ~112 B
-each), so RSS rises by ~112 B per stream on a long-lived connection until that
-cap, ~7 MiB per connection. Beyond that, growth in steady state means a leak.
+ids of the last 1,024 closed streams (connections.CLOSED_STREAMS_KEPT; h2's own
+cap, 65,536, is lowered), ~112 B each, so RSS rises by ~112 B per stream on a
+long-lived connection until that cap, ~112 KiB per connection. Beyond that, growth
+in steady state means a leak.
 
 ``--open-streams N`` instead opens N streams at once over as few connections as
 the server's SETTINGS_MAX_CONCURRENT_STREAMS allows, checks every stream's sums,
@@ -56,13 +57,14 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from number_service import INT32_MAX, INT32_MIN, NumberClient
+from number_service.serving.grpclib_ext.connections import CLOSED_STREAMS_KEPT
 
 HOST = "127.0.0.1"
 MiB = 1 << 20
 READY = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 READY_TIMEOUT = 30.0
 CALL_TIMEOUT = 30.0  # deadline of every stream that is not meant to time out
-H2_MAX_CLOSED_STREAMS = 2**16  # h2.connection.H2Connection.MAX_CLOSED_STREAMS
+H2_MAX_CLOSED_STREAMS = CLOSED_STREAMS_KEPT  # per connection (h2's own 65,536, lowered)
 H2_CLOSED_STREAM_BYTES = 128  # an OrderedDict entry and an int: ~112 B measured
 
 

@@ -8,9 +8,9 @@ h2's or grpclib's internals: :class:`~.connections.Connection` feeds it and turn
 verdict into a GOAWAY, the close and one warning.
 
 It also cuts what a client sends into slices of whole frames, at most
-``frames_per_turn`` per event-loop turn (a HEADERS frame counting as
-:data:`HEADERS_COST`) and :data:`TURN_BYTES`, so that one connection cannot hold the loop (the rest waits
-for the next turn, with reading paused), and refuses a frame longer
+``frames_per_turn`` (a HEADERS frame counting as :data:`HEADERS_COST`) and
+:data:`TURN_BYTES` per event-loop turn, so that one connection cannot hold the loop
+(the rest waits for the next turn, with reading paused), and refuses a frame longer
 than SETTINGS_MAX_FRAME_SIZE as soon as its header arrives (h2 would buffer it whole).
 
 The rules, after Envoy's http2_protocol_options, grpc-go's ping policy and nginx's
