@@ -41,6 +41,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import re
 import statistics
 import struct
@@ -709,7 +710,13 @@ def main(argv: list[str] | None = None) -> int:
         "--servers", default="ours,grpc.aio", help="comma-separated: ours, grpc.aio"
     )
     parser.add_argument("--bystander", choices=["auto", "go", "python"], default="auto")
-    parser.add_argument("--cache", type=Path, default=ROOT / ".bench-cache")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+        / "number-service-bench",
+        help="where the Go bystander is built (bench.py's cache)",
+    )
     parser.add_argument(
         "--no-timing", action="store_true", help="judge no rate or p99 (smoke runs)"
     )

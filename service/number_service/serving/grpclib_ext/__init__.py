@@ -81,7 +81,7 @@ def make_server(
         )
     log.warning(
         "installed %s: serving with plain grpclib behaviour (no batched streams, "
-        "coalesced writes, or per-stream and per-connection limits)",
+        "coalesced writes, per-stream and per-connection limits, or flood defences)",
         different,
     )
     return GrpclibServer(handlers, codec=codec, config=config)

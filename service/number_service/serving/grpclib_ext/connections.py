@@ -21,6 +21,13 @@ connection. On top of grpclib's own protocol it
   traceback), gives an HPACK decoding error its COMPRESSION_ERROR (RFC 9113 4.3),
   ignores frames of unknown types (RFC 9113 5.5; grpclib dropped the connection),
   and queues no empty DATA frame (grpclib queued every one, ~100 B each);
+- hands grpclib no request that the client reset within the same slice (Rapid
+  Reset: grpclib would build its stream, buffers and task only to cancel them);
+- closes after a GOAWAY of its own by lingering: FIN once it is written, what the
+  client still sends read and dropped, an abort after ``CLOSE_WAIT`` (closing with
+  unread bytes would send a TCP RST, which can destroy the GOAWAY unread);
+- gives the C heap's free memory back (glibc's malloc_trim, at most once a second)
+  after a connection that moved over ``TRIM_AFTER`` bytes closes;
 - is in its server's :class:`Connections`, so that the server's ``close()`` closes
   every connection once what it holds is written (grpclib leaves them to the clients).
 
