@@ -405,6 +405,32 @@ async def test_the_message_size_limit_is_decided_from_the_prefix() -> None:
             assert reply.grpc_status == Status.RESOURCE_EXHAUSTED.value, reply
 
 
+# --- what a unary method needs that a bidi one does not --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", [ECHO, "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"]
+)
+async def test_a_call_without_its_one_request_is_internal_without_a_traceback(
+    server: Running, caplog: pytest.LogCaptureFixture, path: str
+) -> None:
+    """The client half-closes a unary (or server-streaming) call before sending its
+    one request: the handlers, betterproto2's generated ones and grpclib's health,
+    would fail an assert (a traceback, and UNKNOWN "Internal Server Error"); the
+    serving layer answers INTERNAL, saying what was missing."""
+    caplog.set_level(logging.DEBUG)
+    async with await H2Client.connect(server.port) as h2:
+        reply = await h2.call(path=path)  # headers, then END_STREAM, no message
+    assert reply.grpc_status == Status.INTERNAL.value, reply
+    assert reply.grpc_message == (
+        "no request message: the client ended the stream before sending the one "
+        f"request that {path} takes"
+    )
+    await eventually(lambda: len(stream_lines(caplog)) >= 1)
+    assert not [r for r in caplog.records if r.exc_info]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 # --- serve(): the layer's own run loop, in a process of its own -----------------------------
 
 
