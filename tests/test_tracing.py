@@ -502,7 +502,21 @@ async def test_every_worker_exports_its_own_spans(
             assert span.resource["process.pid"] == pids[served[span.trace_id]], span
 
 
-async def _one_stream(port: int, trace_id: str) -> int:
+async def test_the_parent_comes_through_the_configured_propagators(
+    otlp_grpc: Collector, servers: Callable[..., ServerProcess]
+) -> None:
+    """OTEL_PROPAGATORS picks how the caller's context is read: with ``baggage`` alone,
+    a ``traceparent`` is not read, and the SERVER span starts a trace of its own."""
+    server = servers(env=otel_env(otlp_grpc, OTEL_PROPAGATORS="baggage"))
+    sent = f"{12345:032x}"
+    await _one_stream(server.port, sent, worker=False)
+    (span,) = otlp_grpc.wait(lambda spans: len(spans) >= 1)
+    assert span.kind == SERVER
+    assert span.trace_id != sent
+    assert span.parent_id == ""
+
+
+async def _one_stream(port: int, trace_id: str, *, worker: bool = True) -> int:
     """One stream, on a connection of its own, in trace ``trace_id``: its worker."""
     channel = Channel(HOST, port, codec=NumberCodec())
     parent = f"00-{trace_id}-{'1' * 16}-01"
@@ -518,7 +532,7 @@ async def _one_stream(port: int, trace_id: str) -> int:
             await stream.send_message(NumberRequest(num=1), end=True)
             assert [reply.sum async for reply in stream] == [1]
             assert stream.initial_metadata is not None
-            return int(str(stream.initial_metadata[WORKER_HEADER]))
+            return int(str(stream.initial_metadata[WORKER_HEADER])) if worker else 0
     finally:
         channel.close()
 
@@ -572,6 +586,7 @@ def test_off_imports_nothing_of_opentelemetry_and_adds_no_listener() -> None:
         "from grpclib import events\n"
         "from number_service.server import build_server\n"
         "built = build_server()\n"
+        # grpclib's private list of listeners: the one way to count them.
         "listeners = built.server.__dispatch__._listeners\n"
         "print(sorted(name for name in sys.modules if name.startswith('opentelemetry')))\n"
         "print(len(listeners[events.RecvRequest]), len(listeners[events.SendTrailingMetadata]))\n"
