@@ -42,6 +42,7 @@ from number_service_gen.tutorial import NumberRequest, NumberResponse
 from .accumulator import check_int32
 from .codec import NumberCodec
 from .service import ACCUMULATE_NUMBERS
+from .serving import tracing
 from .serving.grpclib_ext.client import goaway_received, servers_status
 from .serving.run import DEFAULT_HOST, DEFAULT_PORT
 
@@ -254,7 +255,8 @@ class NumberClient:
             if self.retry is not None:  # retrying spends the call's deadline too
                 async with asyncio.timeout(deadline.time_remaining() if deadline else None):
                     await self._connect(self.retry)
-            async with self.channel.request(
+            async with tracing.request(  # a CLIENT span, when tracing is on
+                self.channel,
                 ACCUMULATE_NUMBERS,
                 Cardinality.STREAM_STREAM,
                 NumberRequest,
