@@ -51,6 +51,7 @@ from number_service_gen.tutorial import NumberRequest, NumberResponse
 from .accumulator import check_int32
 from .codec import NumberCodec
 from .service import ACCUMULATE_NUMBERS
+from .serving import tracing
 from .serving.grpclib_ext import client as client_ext
 from .serving.run import DEFAULT_HOST, DEFAULT_PORT
 from .targets import Address, Pool, Target, UnreachableError, parse_targets
@@ -299,7 +300,8 @@ class NumberClient:
         try:
             address = await self._pick(info, avoid)
             self._last = address
-            opening = address.channel.request(
+            opening = tracing.request(  # a CLIENT span per stream, when tracing is on
+                address.channel,
                 ACCUMULATE_NUMBERS,
                 Cardinality.STREAM_STREAM,
                 NumberRequest,
@@ -562,7 +564,7 @@ class _Accumulation:
         self._wake = asyncio.Event()  # for the sender: a new stream, or an answer
         self._inbox: asyncio.Queue[int | BaseException | None] = asyncio.Queue(_READ_AHEAD)
 
-    async def sums(self) -> AsyncIterator[int]:
+    async def sums(self) -> AsyncGenerator[int, None]:
         receiver = asyncio.create_task(self._receive_all())
         sender = asyncio.create_task(self._send_all())
         try:
