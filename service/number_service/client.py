@@ -35,7 +35,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -262,9 +262,11 @@ class NumberClient:
             for num in numbers:
                 check_int32(num)
         call = _CallInfo.make(self, timeout, metadata, resume)
-        run = _Accumulation(self, call, numbers)
-        async for total in run.sums():
-            yield total
+        # Closed with this generator, at once: a nested generator left to the garbage
+        # collector would cancel the call only later (after the client closed, say).
+        async with aclosing(_Accumulation(self, call, numbers).sums()) as sums:
+            async for total in sums:
+                yield total
 
     @asynccontextmanager
     async def session(
