@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from h2server import MAX_STREAM_ID, ScriptedServer
 from processes import EXIT_TIMEOUT, HOST, reap, start_server
 
 from number_service import INT32_MAX, NumberClient, build_server
@@ -136,3 +137,26 @@ def test_another_h2_leaves_the_client_plain_grpclib(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(metadata, "version", fake_version(metadata.version))
     assert client_ext.servers_status(call) is None
     assert client_ext.goaway_received(call) is False
+
+
+@pytest.mark.usefixtures("other_h2")
+async def test_another_h2_leaves_grpclibs_goaway_and_the_stream_is_resumed() -> None:
+    """With another h2 the client makes grpclib's own Channels: a GOAWAY fails every
+    stream of its connection, as plain grpclib does, and cannot tell whether one is
+    up; the session cut so is resumed on the other server all the same."""
+    async with (
+        ScriptedServer() as a,
+        ScriptedServer() as b,
+        NumberClient([a.target, b.target], timeout=TIMEOUT) as client,
+    ):
+        async with client.session() as session:
+            assert await session.add(1) == 1
+            assert not isinstance(client.channel, client_ext.Channel)
+            assert client_ext.connected(client.channel) is None
+            (record,) = a.streams + b.streams
+            drained, other = (a, b) if record in a.streams else (b, a)
+            drained.stop_listening()
+            await drained.goaway(last_stream_id=MAX_STREAM_ID)
+            assert await session.add(2) == 3
+        assert record.end != "ok"  # grpclib failed it
+        assert [r.received for r in other.streams] == [[1, 2]]  # the sum, then 2
