@@ -371,6 +371,26 @@ async def test_resuming_stops_at_the_deadline() -> None:
     assert 2 <= len(server.streams) <= 10
 
 
+async def test_a_new_stream_that_never_answers_ends_at_the_deadline_naming_the_cut() -> None:
+    """The first stream is cut; the new one is opened and never answered: the call
+    ends at its deadline, DEADLINE_EXCEEDED naming the cut it was resuming."""
+    plan = cut_first_stream(1, CUTS["shutting-down"])
+
+    def then_hold(record: Record, count: int) -> Cut | None:
+        return plan(record, count) or (Cut.hold() if count == 1 else None)
+
+    async with (
+        ScriptedServer(then_hold) as a,
+        ScriptedServer(then_hold) as b,
+        NumberClient([a.target, b.target], timeout=1.0) as client,
+    ):
+        with pytest.raises(GRPCError) as caught:
+            await _collect(client.accumulate([1, 2]))
+        assert caught.value.status is Status.DEADLINE_EXCEEDED
+        assert "while resuming a stream: server is shutting down" in str(caught.value.message)
+        assert [r.held for r in streams(a, b)] == [False, True]
+
+
 async def test_a_real_error_is_never_resumed() -> None:
     """A status other than UNAVAILABLE (here INTERNAL) ends the call as it is."""
     async with (

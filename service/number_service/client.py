@@ -517,6 +517,8 @@ class _Resumer:
         policy = self._info.resume
         if policy is None and end.refused and fresh:
             policy = Resume()
+        if end.error.status is Status.DEADLINE_EXCEEDED and self._cut is not None:
+            raise self._deadline_passed()  # while a new stream was being opened
         if policy is None or not end.resumable or (opening and self._cut is None):
             raise end.error
         if self._waits is None or self._cut is None:
@@ -533,13 +535,17 @@ class _Resumer:
         deadline = self._info.deadline
         if deadline is not None and deadline.time_remaining() <= wait:
             await asyncio.sleep(deadline.time_remaining())
-            raise GRPCError(
-                Status.DEADLINE_EXCEEDED,
-                f"deadline of {self._info.timeout} s exceeded while resuming a stream: "
-                f"{self._cut.message}",
-            )
+            raise self._deadline_passed()
         if wait:
             await asyncio.sleep(wait)
+
+    def _deadline_passed(self) -> GRPCError:
+        assert self._cut is not None
+        return GRPCError(
+            Status.DEADLINE_EXCEEDED,
+            f"deadline of {self._info.timeout} s exceeded while resuming a stream: "
+            f"{self._cut.message}",
+        )
 
 
 class _Accumulation:
