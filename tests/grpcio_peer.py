@@ -1,8 +1,10 @@
-"""grpcio code for proto/tutorial/number.proto, generated for a test run only.
+"""grpcio code for our protos, generated for a test run only.
 
-grpcio (Google's gRPC for Python) is the foreign peer of our interop tests and
-protobuf's parser the reference for our codecs (and, through :func:`protobuf_module`,
-for the test-only tests/proto/); nothing generated here is kept.
+grpcio (Google's gRPC for Python) is the foreign peer of our interop tests
+(proto/tutorial/number.proto, and the second service's tests/proto/maxecho/, through
+:func:`grpcio_modules`) and protobuf's parser the reference for our codecs (and,
+through :func:`protobuf_module`, for the test-only tests/proto/); nothing generated
+here is kept.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ PROTO_FILE = "tutorial/number.proto"
 
 @dataclass(frozen=True)
 class Grpcio:
-    """The grpcio modules generated for number.proto."""
+    """The grpcio modules generated for one .proto (number.proto, unless said)."""
 
     pb2: ModuleType
     pb2_grpc: ModuleType
@@ -67,19 +69,26 @@ def protobuf_module(out: Path, proto_root: Path, proto_file: str) -> ModuleType:
         return importlib.import_module(module)
 
 
-def generate(out: Path) -> Grpcio:
-    """Run grpcio-tools' protoc into ``out`` and import what it wrote."""
+def grpcio_modules(out: Path, proto_root: Path, proto_file: str) -> Grpcio:
+    """grpcio's messages and stubs for one .proto (protoc --python_out and
+    --grpc_python_out into ``out``), imported."""
     status = protoc.main(
         [
             "grpc_tools.protoc",
-            f"--proto_path={PROTO_ROOT}",
+            f"--proto_path={proto_root}",
             f"--python_out={out}",
             f"--grpc_python_out={out}",
-            str(PROTO_ROOT / PROTO_FILE),
+            str(proto_root / proto_file),
         ]
     )
     assert status == 0, f"grpc_tools.protoc failed with {status}"
-    with _importing_from(out, package="tutorial"):
-        pb2 = importlib.import_module("tutorial.number_pb2")
-        pb2_grpc = importlib.import_module("tutorial.number_pb2_grpc")
+    module = proto_file.removesuffix(".proto").replace("/", ".")
+    with _importing_from(out, package=module.split(".")[0]):
+        pb2 = importlib.import_module(f"{module}_pb2")
+        pb2_grpc = importlib.import_module(f"{module}_pb2_grpc")
     return Grpcio(pb2, pb2_grpc)
+
+
+def generate(out: Path) -> Grpcio:
+    """grpcio's modules for proto/tutorial/number.proto, generated into ``out``."""
+    return grpcio_modules(out, PROTO_ROOT, PROTO_FILE)

@@ -237,6 +237,67 @@ def test_accumulate_without_a_server_is_unavailable() -> None:
     assert_one_error_line(result.stderr, "UNAVAILABLE", f"{HOST}:{port}")
 
 
+# --- targets and options ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "how", ["comma", "repeated", "env"], ids=["comma", "repeated", "environment"]
+)
+def test_accumulate_takes_several_targets(server: int, how: str) -> None:
+    """``--target A,B``, ``--target A --target B`` or NUMBER_SERVICE_TARGET="A,B",
+    where nothing listens on A: the call goes to B, so both were taken."""
+    a, b = f"{HOST}:{free_port()}", f"{HOST}:{server}"
+    env: dict[str, str] = {}
+    if how == "comma":
+        args = ["--target", f"{a},{b}"]
+    elif how == "repeated":
+        args = ["--target", a, "--target", b]
+    else:
+        args = []
+        env = {"NUMBER_SERVICE_TARGET": f"{a},{b}"}
+    for _ in range(3):
+        result = run("accumulate", *args, "1", "-5", "3", env=env)
+        assert result.returncode == 0, result.stderr
+        assert _sums(result.stdout) == [1, -4, -1]
+        assert result.stderr == ""
+
+
+def test_accumulate_with_every_target_down_names_each() -> None:
+    ports = [free_port(), free_port()]
+    result = run("accumulate", "--target", ",".join(f"{HOST}:{p}" for p in ports), "1")
+    assert result.returncode == 1
+    assert_one_error_line(result.stderr, "UNAVAILABLE", *(f"{HOST}:{p}" for p in ports))
+
+
+def test_host_and_port_win_over_the_environments_target(server: int) -> None:
+    env = {"NUMBER_SERVICE_TARGET": f"{HOST}:{free_port()}"}
+    result = run("accumulate", "--port", str(server), "7", env=env)
+    assert result.returncode == 0, result.stderr
+    assert _sums(result.stdout) == [7]
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--foo", "1"], ["No such option", "'--foo'"]),
+        (["1", "--foo=3"], ["No such option", "'--foo'"]),
+        (["-x"], ["No such option", "'-x'"]),
+        (["--taget", "h:1", "1"], ["No such option", "'--taget'", "--target"]),
+        (["--target", "h:x", "1"], ["'--target'", "port 'x' is not a number"]),
+        (["--target", "h:1", "--host", "h", "1"], ["--target", "--host", "not both"]),
+    ],
+    ids=["unknown", "unknown-with-value", "unknown-short", "misspelt", "bad-target", "both"],
+)
+def test_accumulate_usage_errors_name_the_option(args: list[str], needles: list[str]) -> None:
+    """Unknown options are usage errors naming them (not "'--foo' is not an
+    integer"), while negative numbers stay numbers."""
+    result = run("accumulate", *args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert_one_error_line(result.stderr, *needles)
+    assert "not an integer" not in result.stderr
+
+
 # The call ends (failure, deadline, Ctrl-C) while stdin is still open: the command
 # must exit at once, not wait for another line.
 

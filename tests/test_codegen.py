@@ -76,3 +76,24 @@ def test_wire_contract_matches_the_go_original() -> None:
         "rpc AccumulateNumbers (stream NumberRequest) returns (stream NumberResponse);",
         "}",
     ]
+
+
+def test_drift_in_the_second_services_proto_is_detected(tmp_path: Path) -> None:
+    root = copy_of_the_sources(tmp_path)
+    proto = root / "tests" / "proto" / "maxecho" / "maxecho.proto"
+    proto.write_text(
+        proto.read_text().replace("string text = 1;", "string text = 1;\n  int32 n = 2;")
+    )
+    done = check(root)
+    assert done.returncode == 1
+    assert "tests/gen/maxecho_gen/testing/maxecho/__init__.py differs" in done.stderr
+    assert "fieldkinds_gen" not in done.stderr
+
+
+def test_a_proto_that_no_target_compiles_is_an_error(tmp_path: Path) -> None:
+    root = copy_of_the_sources(tmp_path)
+    (root / "tests" / "proto" / "other").mkdir()
+    (root / "tests" / "proto" / "other" / "other.proto").write_text('syntax = "proto3";\n')
+    done = check(root)
+    assert done.returncode == 1
+    assert "tests/proto/other/other.proto is compiled by no target" in done.stderr

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
+from h2server import MAX_STREAM_ID, ScriptedServer
 from processes import EXIT_TIMEOUT, HOST, reap, start_server
 
 from number_service import INT32_MAX, NumberClient, build_server
@@ -67,7 +68,8 @@ async def test_another_h2_serves_plain_grpclib_right_and_stops(
 
     sock = bind(HOST, 0)
     await built.start(sock)
-    client = NumberClient(*address_of(sock), timeout=TIMEOUT)
+    # Not resumed: the drained stream's UNAVAILABLE is what this test looks at.
+    client = NumberClient(*address_of(sock), timeout=TIMEOUT, resume=False)
     try:
         assert [s async for s in client.accumulate([1, 2, 3])] == [1, 3, 6]
         with pytest.raises(GRPCError) as overflow:
@@ -82,10 +84,11 @@ async def test_another_h2_serves_plain_grpclib_right_and_stops(
             assert loop.time() - started < 0.2 + STOP_WAIT + 2
             with pytest.raises(GRPCError) as cut:
                 await session.add(1)
-        # The client is under the same version check: it reports the reset that
-        # followed the server's trailers, plain grpclib's word, with their status.
+        # The client is under the same version check: plain grpclib's word, which
+        # (in its exit from the call) reads the status in the trailers the server
+        # sent before its reset.
         assert cut.value.status is Status.UNAVAILABLE
-        assert "cut off" in str(cut.value.message)
+        assert "server shut down before this stream finished" in str(cut.value.message)
     finally:
         client.close()
 
@@ -122,6 +125,8 @@ def test_another_h2_leaves_the_client_plain_grpclib(monkeypatch: pytest.MonkeyPa
     behind a reset, no GOAWAY read from h2's state; plain grpclib's word stands."""
 
     class Call:  # a call whose server sent OUT_OF_RANGE before it reset the stream
+        _stream = object()  # grpclib's protocol stream: the call was sent
+
         def _maybe_raise(self) -> None:
             raise GRPCError(Status.OUT_OF_RANGE, "from the trailers")
 
@@ -132,3 +137,26 @@ def test_another_h2_leaves_the_client_plain_grpclib(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(metadata, "version", fake_version(metadata.version))
     assert client_ext.servers_status(call) is None
     assert client_ext.goaway_received(call) is False
+
+
+@pytest.mark.usefixtures("other_h2")
+async def test_another_h2_leaves_grpclibs_goaway_and_the_stream_is_resumed() -> None:
+    """With another h2 the client makes grpclib's own Channels: a GOAWAY fails every
+    stream of its connection, as plain grpclib does, and cannot tell whether one is
+    up; the session cut so is resumed on the other server all the same."""
+    async with (
+        ScriptedServer() as a,
+        ScriptedServer() as b,
+        NumberClient([a.target, b.target], timeout=TIMEOUT) as client,
+    ):
+        async with client.session() as session:
+            assert await session.add(1) == 1
+            assert not isinstance(client.channel, client_ext.Channel)
+            assert client_ext.connected(client.channel) is None
+            (record,) = a.streams + b.streams
+            drained, other = (a, b) if record in a.streams else (b, a)
+            drained.stop_listening()
+            await drained.goaway(last_stream_id=MAX_STREAM_ID)
+            assert await session.add(2) == 3
+        assert record.end != "ok"  # grpclib failed it
+        assert [r.received for r in other.streams] == [[1, 2]]  # the sum, then 2

@@ -360,9 +360,9 @@ async def test_signal_drains_in_flight_streams(sig: signal.Signals) -> None:
     grace = 2.0
     srv = start_server(0, "--grace", str(grace))
     try:
-        async with (
-            NumberClient(HOST, srv.port, timeout=TIMEOUT) as finisher,
-            NumberClient(HOST, srv.port, timeout=TIMEOUT) as lingerer,
+        async with (  # not resumed: the drain's own UNAVAILABLE is what is looked at
+            NumberClient(HOST, srv.port, timeout=TIMEOUT, resume=False) as finisher,
+            NumberClient(HOST, srv.port, timeout=TIMEOUT, resume=False) as lingerer,
             finisher.session() as done_in_time,
         ):
             assert await done_in_time.add(1) == 1

@@ -37,6 +37,23 @@ async def test_client_example(number_server: RunningServer) -> None:
     assert out.decode().split() == [str(n * (n + 1) // 2) for n in range(1, 11)]
 
 
+async def test_stub_example(number_server: RunningServer) -> None:
+    """The generated stub, shown beside NumberClient in "Which client", runs as written."""
+    (example,) = [block for block in python_blocks() if "NumberServiceStub(" in block]
+    assert '"127.0.0.1", 50051' in example
+    script = example.replace('"127.0.0.1", 50051', f'"127.0.0.1", {number_server.port}')
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert out.decode().split() == [str(n * (n + 1) // 2) for n in range(1, 11)]
+
+
 async def test_embedding_example_exits_on_sigterm_while_a_client_stays_connected() -> None:
     """The README's plain grpclib server (graceful_exit, wait_closed) stops on SIGTERM
     although a client keeps its connection open: from Python 3.12.1 wait_closed()

@@ -1,15 +1,24 @@
 """Generate gen/ from proto/ (and tests/gen/ from tests/proto/) with betterproto2, or
-check that both are current.
+check that all of it is current.
 
-gen/number_service_gen/ gets the betterproto2 package: dataclass messages that carry
-their protobuf descriptors (which server reflection serves), the async grpclib
-service bases and the async typed stubs. tests/gen/fieldkinds_gen/ is test-only: the
-message with every kind of field that the generic wire check is tested on, made
-without descriptors, since that check must work for any betterproto2 output.
+Each target compiles the .proto files of one directory into one package, with the
+plugin options it says (betterproto2's defaults make a sync grpcio client and no
+server, so every target names its options, "" included):
 
-    python tools/codegen.py           # rewrite gen/number_service_gen, tests/gen/fieldkinds_gen
-    python tools/codegen.py --check   # exit 1 if either differs from its protos
+- gen/number_service_gen/ from proto/: dataclass messages that carry their protobuf
+  descriptors (which server reflection serves), the async grpclib service bases
+  and the async typed stubs;
+- tests/gen/fieldkinds_gen/ from tests/proto/fieldkinds/ (test-only): the message with
+  every kind of field that the generic wire check is tested on, made without
+  descriptors, since that check must work for any betterproto2 output;
+- tests/gen/maxecho_gen/ from tests/proto/maxecho/ (test-only): a second service,
+  generated as NumberService is (async base and stub, descriptors for reflection),
+  which the serving layer is tested on.
 
+    python tools/codegen.py           # rewrite every target's package
+    python tools/codegen.py --check   # exit 1 if any differs from its protos
+
+A .proto under proto/ or tests/proto/ that no target compiles is an error too.
 protoc comes from grpcio-tools and the plugin from betterproto2-compiler, both
 pinned in requirements/dev.lock, so the output is reproducible byte for byte. (The
 plugin formats its output with ruff, which takes its line length from the
@@ -31,31 +40,41 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: grpclib servers and clients, both async; each message gets its DESCRIPTOR (in a
+#: pool of the generated package's own), which is what server reflection describes.
+SERVED = "client_generation=async,server_generation=async,google_protobuf_descriptors"
+#: betterproto2's defaults (messages without DESCRIPTOR; no server, a sync client).
+PLAIN = ""
+
+
 @dataclass(frozen=True)
 class Target:
-    """One generated package: every .proto under ``protos`` compiled into ``package``."""
+    """One generated package: every .proto under ``root / subdir`` compiled into
+    ``package``, imports resolved from ``root`` (protoc's -I), with plugin ``options``."""
 
-    protos: Path
+    root: Path
+    subdir: str
     package: Path
     options: str
 
+    def protos(self) -> list[Path]:
+        """This target's .proto files, relative to ``root`` (as protoc is given them)."""
+        return sorted(p.relative_to(self.root) for p in (self.root / self.subdir).rglob("*.proto"))
 
+
+TESTS = ROOT / "tests"
 TARGETS = (
-    # grpclib servers and clients, both async; each message gets its DESCRIPTOR (in a
-    # pool of the generated package's own), which is what server reflection describes.
-    Target(
-        ROOT / "proto",
-        ROOT / "gen" / "number_service_gen",
-        "client_generation=async,server_generation=async,google_protobuf_descriptors",
-    ),
-    # Test-only, and deliberately without DESCRIPTOR (betterproto2's default).
-    Target(ROOT / "tests" / "proto", ROOT / "tests" / "gen" / "fieldkinds_gen", ""),
+    Target(ROOT / "proto", ".", ROOT / "gen" / "number_service_gen", SERVED),
+    # Test-only, and deliberately without DESCRIPTOR: the wire check must not need it.
+    Target(TESTS / "proto", "fieldkinds", TESTS / "gen" / "fieldkinds_gen", PLAIN),
+    # Test-only: a second served service; reflection's describe needs its descriptors.
+    Target(TESTS / "proto", "maxecho", TESTS / "gen" / "maxecho_gen", SERVED),
 )
 
 
 def generate(target: Target, out: Path) -> None:
     """Write the betterproto2 package for every .proto of ``target`` into out."""
-    protos = sorted(str(p.relative_to(target.protos)) for p in target.protos.rglob("*.proto"))
+    protos = [str(p) for p in target.protos()]
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     # protoc finds protoc-gen-python_betterproto2 on PATH, beside this Python.
@@ -65,18 +84,26 @@ def generate(target: Target, out: Path) -> None:
             sys.executable,
             "-m",
             "grpc_tools.protoc",
-            f"-I{target.protos}",
+            f"-I{target.root}",
             f"--python_betterproto2_out={out}",
             *([f"--python_betterproto2_opt={target.options}"] if target.options else []),
             *protos,
         ],
-        cwd=target.protos,
+        cwd=target.root,
         env=env,
         capture_output=True,
         text=True,
     )
     if done.returncode != 0:  # the plugin chatters on stderr; show it only on failure
         sys.exit(f"protoc failed ({done.returncode}):\n{done.stderr}")
+
+
+def uncompiled() -> list[Path]:
+    """.proto files under a target's root that no target compiles (a new directory
+    under tests/proto/, say, whose package would otherwise silently not exist)."""
+    compiled = {t.root / p for t in TARGETS for p in t.protos()}
+    roots = {t.root for t in TARGETS}
+    return sorted(p for root in roots for p in root.rglob("*.proto") if p not in compiled)
 
 
 def differences(left: Path, right: Path) -> list[str]:
@@ -98,6 +125,14 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="only compare, write nothing")
     args = parser.parse_args()
     drifted = False
+    for proto in uncompiled():
+        print(
+            f"{proto.relative_to(ROOT)} is compiled by no target in tools/codegen.py",
+            file=sys.stderr,
+        )
+        drifted = True
+    if drifted:
+        return 1
     for target in TARGETS:
         name = target.package.relative_to(ROOT)
         with tempfile.TemporaryDirectory() as tmp:
@@ -106,7 +141,7 @@ def main() -> int:
             if args.check:
                 diff = differences(fresh, target.package) if target.package.exists() else [""]
                 for path in diff:
-                    source = target.protos.relative_to(ROOT)
+                    source = (target.root / target.subdir).resolve().relative_to(ROOT)
                     print(f"{name}/{path} differs from what {source}/ generates", file=sys.stderr)
                 drifted = drifted or bool(diff)
                 continue

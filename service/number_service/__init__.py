@@ -5,7 +5,7 @@ The serving layer it is built on, which would serve any betterproto2 service, is
 """
 
 from .accumulator import INT32_MAX, INT32_MIN, Accumulator, SumOutOfRangeError, check_int32
-from .client import NumberClient, Retry, Session
+from .client import NumberClient, Resume, Retry, Session
 from .codec import NumberCodec
 from .server import NumberServer, ServeConfig, build_server, create_server, serve
 from .service import ACCUMULATE_NUMBERS, NumberService
@@ -21,6 +21,7 @@ __all__ = [
     "NumberCodec",
     "NumberServer",
     "NumberService",
+    "Resume",
     "Retry",
     "ServeConfig",
     "Serving",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import logging
 import os
 import re
@@ -26,6 +27,7 @@ from .client import NumberClient
 from .serving import limits, logs, metrics, supervisor, tls
 from .serving.run import DEFAULT_GRACE, DEFAULT_HOST, DEFAULT_PORT
 from .serving.worker import Worker
+from .targets import Target, parse_targets
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -483,16 +485,92 @@ def _client_tls_options(env_prefix: str | None = None) -> Callable[[_F], _F]:
     return add
 
 
-@main.command(context_settings={"ignore_unknown_options": True})
-@click.option("--host", default=DEFAULT_HOST, show_default=True, help="Server address.")
-@click.option("--port", type=click.IntRange(1, 65535), default=DEFAULT_PORT, show_default=True)
+class _NumbersCommand(click.Command):
+    """``accumulate``: negative numbers are arguments, not options (click's
+    ``ignore_unknown_options`` lets them through), and anything else that looks like
+    an option and is not one is a usage error naming it, not a bad number."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rest = super().parse_args(ctx, args)
+        known = [name for param in self.get_params(ctx) for name in param.opts]
+        for arg in ctx.params.get("numbers", ()):
+            if arg.startswith("-") and len(arg) > 1 and not arg[1].isdigit():
+                name = arg.partition("=")[0]
+                raise click.NoSuchOption(
+                    name, possibilities=difflib.get_close_matches(name, known), ctx=ctx
+                )
+        return rest
+
+
+def _client_target_options(command: _F) -> _F:
+    """``--target`` (repeatable, or NUMBER_SERVICE_TARGET), and ``--host``/``--port``
+    for one server, as before; see :func:`_targets`."""
+    options = [
+        click.option(
+            "--target",
+            "targets",
+            multiple=True,
+            metavar="HOST:PORT[,HOST:PORT...]",
+            envvar=ENV_PREFIX + "TARGET",
+            show_envvar=True,
+            help="Servers to call, round robin over those that are up; repeatable. A "
+            "host name may resolve to several addresses. [default: --host:--port]",
+        ),
+        click.option(
+            "--host",
+            default=None,
+            help=f"Server address, with --port (instead of --target).  [default: {DEFAULT_HOST}]",
+        ),
+        click.option(
+            "--port",
+            type=click.IntRange(1, 65535),
+            default=None,
+            help=f"Server port, with --host.  [default: {DEFAULT_PORT}]",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _targets(targets: tuple[str, ...], host: str | None, port: int | None) -> list[str]:
+    """The targets to call: ``--target`` values (split at commas and spaces), or
+    ``--host``:``--port``. Both on the command line is a usage error; --host/--port
+    given there win over NUMBER_SERVICE_TARGET."""
+    ctx = click.get_current_context()
+    from_env = ctx.get_parameter_source("targets") is click.core.ParameterSource.ENVIRONMENT
+    if targets and (host is not None or port is not None):
+        if not from_env:
+            raise click.UsageError("give --target, or --host and --port, not both", ctx)
+        targets = ()
+    if not targets:
+        return [str(Target(host or DEFAULT_HOST, port or DEFAULT_PORT))]
+    parts = [part for value in targets for part in re.split(r"[,\s]+", value) if part]
+    try:
+        parse_targets(parts, None, DEFAULT_PORT)
+    except ValueError as err:
+        raise click.BadParameter(str(err), ctx, param_hint="'--target'") from None
+    return parts
+
+
+@main.command(cls=_NumbersCommand, context_settings={"ignore_unknown_options": True})
+@_client_target_options
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Deadline, seconds.")
+@click.option(
+    "--resume/--no-resume",
+    default=True,
+    show_default=True,
+    help="Carry the stream on a new one when it is cut (a server draining, restarted "
+    "or killed): every sum is still printed once.",
+)
 @_client_tls_options()
 @click.argument("numbers", nargs=-1)
 def accumulate(
-    host: str,
-    port: int,
+    targets: tuple[str, ...],
+    host: str | None,
+    port: int | None,
     timeout: float | None,
+    resume: bool,
     use_tls: bool,
     tls_ca: str | None,
     tls_cert: str | None,
@@ -502,8 +580,9 @@ def accumulate(
     """Send NUMBERS (or, with - or none, one integer per line of stdin); print each sum.
 
     Each sum is printed as soon as it arrives: `seq 1 10 | number-service accumulate -`.
-    With TLS, --host must be a name or address the server's certificate is issued for.
+    With TLS, each host must be a name or address the server's certificate is issued for.
     """
+    where = _targets(targets, host, port)
     context = _client_tls(use_tls, tls_ca, tls_cert, tls_key)
     # A dropped connection (e.g. a TLS server refusing plaintext) makes asyncio warn
     # "socket.send() raised exception." for grpclib's later writes; the one-line
@@ -511,7 +590,7 @@ def accumulate(
     logging.getLogger("asyncio").setLevel(logging.ERROR)
     try:
         source = _from_lines(sys.stdin) if numbers in ((), ("-",)) else _from_args(numbers)
-        asyncio.run(_accumulate(host, port, timeout, source, context))
+        asyncio.run(_accumulate(where, timeout, source, context, resume))
     except InputError as err:
         _fail(str(err), 2)
     except GRPCError as err:
@@ -542,11 +621,11 @@ def _client_tls(
 
 
 async def _accumulate(
-    host: str,
-    port: int,
+    targets: list[str],
     timeout: float | None,
     source: Iterable[int] | AsyncIterator[int],
     context: ssl.SSLContext | None = None,
+    resume: bool = True,
 ) -> None:
     out = sys.stdout
     if out is None:
@@ -554,7 +633,7 @@ async def _accumulate(
     bad: list[InputError] = []
     if isinstance(source, AsyncIterator):  # stdin: a bad line may come at any time
         source = _until_bad(source, bad)
-    async with NumberClient(host, port, timeout=timeout, ssl=context) as client:
+    async with NumberClient(targets, timeout=timeout, ssl=context, resume=resume) as client:
         sums = client.accumulate(source)
         async with contextlib.aclosing(sums):
             async for total in sums:

@@ -8,9 +8,11 @@
 :meth:`Serving.build` adds to the services health (``grpc.health.v1``, one status for
 the whole server and each service), reflection (v1 and v1alpha, from betterproto2's
 descriptors), stream tracking with metrics and one log line per stream, and the
-limits. :meth:`Serving.shutdown` is the graceful drain that grpclib's
-``graceful_exit`` lacks (grpclib issues #107, #148): it waits for the streams of the
-services' own methods, not for health's Watch streams nor reflection's.
+limits; and, when tracing is on (``tracing.py``: the OTEL_* variables, say), an
+OpenTelemetry SERVER span per stream. :meth:`Serving.shutdown` is the graceful
+drain that grpclib's ``graceful_exit`` lacks (grpclib issues #107, #148): it waits
+for the streams of the services' own methods, not for health's Watch streams nor
+reflection's.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import socket
 import ssl as _ssl  # the parameter of Serving.start is called ssl, as in grpclib
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from grpclib.encoding.base import CodecBase
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.server import Server
 
-from . import grpclib_ext
+from . import grpclib_ext, tracing
 from .codec import StrictCodec
 from .limits import Limits
 from .logs import log, log_stream_end
@@ -56,10 +59,14 @@ class Serving:
         codec: CodecBase | None = None,
         limits: Limits | None = None,
         shutdown_message: str = SHUTDOWN_MESSAGE,
+        tracer_provider: Any = None,
+        trace_messages: bool = False,
     ) -> Serving:
         """Serve ``services`` with ``codec`` (default :class:`StrictCodec`) within
         ``limits`` (default :class:`Limits`' defaults); a stream a drain has to end
-        gets UNAVAILABLE with ``shutdown_message``."""
+        gets UNAVAILABLE with ``shutdown_message``. Spans go to ``tracer_provider``
+        (an OpenTelemetry ``TracerProvider``), by default to :func:`tracing.provider`'s,
+        if tracing is on; ``trace_messages``: a span event per message."""
         limits = Limits() if limits is None else limits
         health = ServiceStatus()
         served = with_reflection([*services, Health({service: [health] for service in services})])
@@ -71,8 +78,15 @@ class Serving:
             connection_limits=limits.connection_limits(),
         )
         drained = [path for service in services for path in service.__mapping__()]
+        if tracer_provider is None:
+            tracer_provider = tracing.provider()
+        spans = None  # tracing off: not one listener more
+        if tracer_provider is not None:  # its listeners before Streams': see otel.ServerSpans
+            spans = tracing.server_spans(server, tracer_provider, message_events=trace_messages)
         streams = Streams(server, served, drained=drained, shutdown_message=shutdown_message)
         streams.on_end.append(log_stream_end)
+        if spans is not None:
+            spans.follow(streams)
         built = cls(server, streams, health, limits=limits)
         built.metrics.attach(streams)
         return built

@@ -3,13 +3,17 @@
 Expected client behaviour (cancel, disconnect, deadline, bad input) is an info
 line, never a traceback; grpclib's own per-request lines are turned down, since
 the stream line says the same with more detail.
+
+While tracing is on (``tracing.py``), a line written while a span is current (every
+line of a stream's task, and its "stream ended" line) carries the span's
+``trace_id`` and ``span_id``.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 from grpclib.const import Status
@@ -31,6 +35,11 @@ _SERVER_FAULTS = {Status.UNKNOWN, Status.INTERNAL, Status.DATA_LOSS}
 _PROBES = "/grpc.health.v1.Health/"
 _STREAM_FIELDS = ("method", "peer", "status", "received", "sent", "duration_ms", "error")
 _PROCESS_FIELDS = ("worker", "pid")  # set on every line of a ``serve --workers`` worker
+_TRACE_FIELDS = ("trace_id", "span_id")  # set while a span is current (tracing.py)
+
+#: The current span's ``(trace_id, span_id)`` in hex, or None: set by ``tracing.py``
+#: once tracing is on; while it is None, log lines carry no ids and cost nothing more.
+span_ids: Callable[[], tuple[str, str] | None] | None = None
 
 
 class _TextFormatter(logging.Formatter):
@@ -40,7 +49,7 @@ class _TextFormatter(logging.Formatter):
         line = super().format(record)
         pairs = [
             f"{key}={getattr(record, key)}"
-            for key in (*_STREAM_FIELDS, *_PROCESS_FIELDS)
+            for key in (*_STREAM_FIELDS, *_TRACE_FIELDS, *_PROCESS_FIELDS)
             if getattr(record, key, None) is not None
         ]
         return " ".join([line, *pairs])
@@ -55,6 +64,16 @@ class _AddFields(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.__dict__.update(self.fields)
+        return True
+
+
+class TraceIds(logging.Filter):
+    """Adds ``trace_id`` and ``span_id`` to a record written while a span is current
+    (``configure`` puts it on its handler; give it to your own handlers likewise)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if span_ids is not None and (ids := span_ids()) is not None:
+            record.trace_id, record.span_id = ids
         return True
 
 
@@ -83,6 +102,7 @@ def configure(
     handler.addFilter(_AtLevel(level_no))
     if fields:
         handler.addFilter(_AddFields(fields))
+    handler.addFilter(TraceIds())
     if fmt == "json":
         handler.setFormatter(
             JsonFormatter(

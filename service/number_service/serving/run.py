@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from grpclib.encoding.base import CodecBase
 
+from . import tracing
 from .build import Serving
 from .limits import Limits
 from .logs import log
@@ -48,8 +49,12 @@ class ServeConfig:
     worker: Worker | None = None  # set when this process is one of those workers
     limits: Limits = field(default_factory=Limits)  # message size, streams, connections ...
     # The application's name, from which the names of what its processes share come:
-    # the workers' environment variable and header, the metrics directory (worker.py).
+    # the workers' environment variable and header, the metrics directory (worker.py),
+    # the default service.name of its spans and the <NAME>_TRACE_MESSAGES variable.
     name: str = DEFAULT_NAME
+    # With tracing on (OTEL_* variables, tracing.py): a span event per message, as
+    # <NAME>_TRACE_MESSAGES=1 asks too.
+    trace_messages: bool = False
 
 
 async def serve(
@@ -66,13 +71,21 @@ async def serve(
     certificate, key or CA file (before it listens).
 
     A second signal during the drain cuts the grace period short.
+
+    Traced when the OTEL_* variables ask for it (``tracing.py``); the spans left
+    are exported before it returns, within ``tracing.FLUSH_TIMEOUT`` seconds.
     """
     config = ServeConfig() if config is None else config
     context = None if config.tls is None else config.tls.server_context()
     worker = config.worker
     sock = bind(config.host, config.port, reuse_port=worker is not None)
     built = Serving.build(
-        services(), codec=codec, limits=config.limits, shutdown_message=shutdown_message
+        services(),
+        codec=codec,
+        limits=config.limits,
+        shutdown_message=shutdown_message,
+        tracer_provider=tracing.provider(config.name),
+        trace_messages=config.trace_messages or tracing.messages_asked(config.name),
     )
     if worker is not None:
         worker.attach(built.server)
@@ -105,6 +118,7 @@ async def serve(
         undo_signals()
         if endpoint is not None:
             await endpoint.close()
+        tracing.shutdown()
     log.info("stopped")
 
 

@@ -29,7 +29,8 @@ Private grpclib attributes used here, with what they stand in for (grpclib has n
 public API for any of them; no upstream issue asks for one yet):
 ``grpclib.protocol.Buffer._unacked`` / ``_eof`` / ``_ack_callback`` (read what has
 arrived without awaiting per message), ``Stream._stream`` / ``_codec`` /
-``_dispatch`` / ``_recv_type`` / ``_send_type`` / ``_cardinality``, the
+``_dispatch`` / ``_recv_type`` / ``_send_type`` / ``_cardinality`` /
+``_method_name``, the
 ``_send_*_done`` flags and the ``_messages_sent`` / ``_messages_received`` counts
 (grpclib's own Stream state, which this subclass extends), and the dispatcher's
 ``_listeners`` (whether anyone listens to RecvMessage/SendMessage: grpclib's events
@@ -232,10 +233,20 @@ class BatchingStream(Stream[_Recv, _Send]):
     # --- receiving ---------------------------------------------------------------------
 
     async def recv_message(self) -> _Recv | None:
-        """The next request, or None once the client has half-closed (see the module)."""
+        """The next request, or None once the client has half-closed (see the module).
+
+        A method that takes one request (unary, server streaming) whose client
+        half-closes without sending it gets INTERNAL here: grpclib returns None, on
+        which betterproto2's generated handlers fail an assert (a traceback, and
+        UNKNOWN "Internal Server Error" for the client).
+        """
         try:
             return await self.__anext__()
         except StopAsyncIteration:
+            if not self._cardinality.client_streaming and not (
+                self._messages_received or self._received
+            ):
+                raise no_request(self._method_name) from None
             return None
 
     async def __anext__(self) -> _Recv:
@@ -505,6 +516,15 @@ def compressed() -> GRPCError:
     return GRPCError(
         Status.UNIMPLEMENTED,
         "request could not be read: Compression not implemented; send it uncompressed",
+    )
+
+
+def no_request(method: str) -> GRPCError:
+    """INTERNAL for a stream that ended before the one request its method takes."""
+    return GRPCError(
+        Status.INTERNAL,
+        "no request message: the client ended the stream before sending the one "
+        f"request that {method} takes",
     )
 
 
