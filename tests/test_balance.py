@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 from collections import Counter
 
 import pytest
@@ -27,6 +29,7 @@ from test_workers import (
     open_stream,
     serve_workers,
     worker_of,
+    worker_pids,
 )
 
 from number_service.serving.balance import Balancer
@@ -165,6 +168,34 @@ async def test_a_closed_connection_frees_its_slot(serve_workers: Start, workers:
     finally:
         await held.aclose()
     await parent_sees(metrics_port, [0] * workers)
+    assert server.stop() == 0
+
+
+async def test_a_draining_worker_gets_none_and_a_restarted_one_fills_up(
+    serve_workers: Start,
+) -> None:
+    """A worker told to stop by itself (SIGTERM to it alone) takes no new connections
+    while it drains; restarted, it holds none, and takes every new one until even."""
+    server = serve_workers("--workers", "2", "--grace", "30", "--metrics-port", "0")
+    metrics_port = next(
+        int(match.group(1)) for line in server.stderr.seen if (match := METRICS_LINE.search(line))
+    )
+    held = Held(server.port)
+    try:
+        async with asyncio.timeout(TIMEOUT * 3):
+            assert sorted([await held.open(), await held.open()]) == [0, 1]
+            os.kill(worker_pids(server)[1], signal.SIGTERM)
+            await asyncio.to_thread(server.stderr.wait_for, "for 1 stream(s) worker=1")
+            landed = [await held.open() for _ in range(3)]
+            assert landed == [0, 0, 0], landed
+            await held.close(1, 1)  # its drain is over: it ends, and is restarted
+            await asyncio.to_thread(server.stderr.wait_for, "worker 1 restarted")
+            await parent_sees(metrics_port, [4, 0])
+            landed = [await held.open() for _ in range(4)]
+            assert landed == [1, 1, 1, 1], landed
+            await parent_sees(metrics_port, [4, 4])
+    finally:
+        await held.aclose()
     assert server.stop() == 0
 
 

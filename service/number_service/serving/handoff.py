@@ -273,10 +273,18 @@ class Receiver(asyncio.AbstractServer):
     async def wait_closed(self) -> None:
         """End the connections still being set up (TLS handshakes under way); the
         connections set up are the server's to close."""
-        for task in list(self._starting):
-            task.cancel()
+        self.abort_clients()
         if self._starting:
             await asyncio.wait(list(self._starting))
+
+    def close_clients(self) -> None:
+        """As :meth:`abort_clients`: the connections set up are the server's to close."""
+        self.abort_clients()
+
+    def abort_clients(self) -> None:
+        """End the connections still being set up (TLS handshakes under way)."""
+        for task in list(self._starting):
+            task.cancel()
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
