@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 from collections import Counter
 
@@ -26,6 +27,7 @@ from test_workers import (
     Start,
     add,
     finish,
+    one_stream,
     open_stream,
     serve_workers,
     worker_of,
@@ -197,6 +199,35 @@ async def test_a_draining_worker_gets_none_and_a_restarted_one_fills_up(
     finally:
         await held.aclose()
     assert server.stop() == 0
+
+
+async def test_a_parent_out_of_descriptors_says_so_once_and_accepts_again(
+    serve_workers: Start,
+) -> None:
+    """accept() failing (EMFILE here: the parent's descriptor limit lowered to its
+    lowest free descriptor) is one warning, not a busy loop nor one line per try; the
+    connection waits in the backlog and is served once descriptors are there again."""
+    server = serve_workers("--workers", "2")
+    pid = server.proc.pid
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    try:
+        async with asyncio.timeout(TIMEOUT):
+            # A new descriptor is the lowest free number, and must be below the limit.
+            used = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+            lowest_free = min(set(range(len(used) + 1)) - used)
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+            waiting = asyncio.create_task(one_stream(server.port, [1, 2, 3]))
+            line = await asyncio.to_thread(server.stderr.wait_for, "cannot accept connections")
+            assert "Too many open files" in line, line
+            await asyncio.sleep(0.5)  # five more tries at least
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+            _, sums = await waiting
+            assert sums == [1, 3, 6]
+            await asyncio.to_thread(server.stderr.wait_for, "accepting connections again")
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    assert server.stop() == 0
+    assert server.stderr.text().count("cannot accept connections") == 1
 
 
 async def test_short_connections_one_after_another_take_turns(serve_workers: Start) -> None:

@@ -222,6 +222,7 @@ class Supervisor:
         self.balancer = Balancer(config.workers)
         self._listener: socket.socket | None = None  # the parent's, while it accepts
         self._accepting = False  # its reader is on
+        self._accept_failing = False  # accept() failed (EMFILE, say) and has not worked since
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (exit code 0) or until workers cannot start (1)."""
@@ -419,10 +420,18 @@ class Supervisor:
             except OSError as err:  # out of descriptors, say: try again in a moment
                 if err.errno == errno.ECONNABORTED:  # the client gave up first
                     continue
-                log.warning("cannot accept a connection: %s", os.strerror(err.errno or 0))
+                if not self._accept_failing:  # one line per burst, not one per try
+                    self._accept_failing = True
+                    reason = os.strerror(err.errno or 0)
+                    log.warning(
+                        "cannot accept connections: %s; trying every %g s", reason, ACCEPT_PAUSE
+                    )
                 self._pause_accepting()
                 asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._start_accepting)
                 return
+            if self._accept_failing:
+                self._accept_failing = False
+                log.info("accepting connections again")
             index = self.balancer.pick()
             assert index is not None  # some worker takes connections
             handoff = self.slots[index].handoff
