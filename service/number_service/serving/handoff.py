@@ -218,21 +218,25 @@ class Receiver(asyncio.AbstractServer):
                     self._report(CLOSED)
 
     async def _serve(self, conn: socket.socket) -> None:
-        counted = _Counted(self._factory(), lambda: self._report(CLOSED))
+        counted: _Counted | None = None
         try:
+            counted = _Counted(self._factory(), lambda: self._report(CLOSED))
+            made = counted
             await self._loop.connect_accepted_socket(
-                lambda: counted,
-                conn,
-                ssl=self._ssl,
-                ssl_handshake_timeout=self._handshake_timeout,
+                lambda: made, conn, ssl=self._ssl, ssl_handshake_timeout=self._handshake_timeout
             )
-        except (OSError, asyncio.CancelledError) as err:  # a failed TLS handshake, say
-            # asyncio's own accept says nothing of these either (outside debug mode).
-            log.debug("connection not set up: %r", err)
+        except BaseException as err:
+            if isinstance(err, OSError):  # a failed TLS handshake, say: the client's doing
+                # asyncio's own accept says nothing of these either (outside debug mode).
+                log.debug("connection not set up: %r", err)
+            elif isinstance(err, Exception):
+                log.exception("cannot serve a connection handed over by the supervisor")
             conn.close()
-            if not counted.made:  # else its connection_lost reports it
+            if counted is None:
+                self._report(CLOSED)
+            elif not counted.made:  # else its connection_lost reports it
                 counted.report()
-            if isinstance(err, asyncio.CancelledError):
+            if not isinstance(err, Exception):  # cancelled (the drain is over), say
                 raise
 
     def _report(self, what: bytes) -> None:
