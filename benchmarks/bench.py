@@ -4,6 +4,7 @@
     python -m benchmarks.bench run                # ours only
     python -m benchmarks.bench compare --json     # machine-readable, on stdout
     ./dev bench compare --rounds 5 --seconds 5    # the same through ./dev
+    ./dev bench compare --modes concurrent --workers 1,2   # + ours with 2 workers, side by side
 
 Modes (``--modes``, all by default):
 
@@ -17,8 +18,10 @@ Servers run as subprocesses: ``python -m number_service serve`` (the real CLI) a
 server of git revision REV of this repository, checked out and built in the cache
 (see benchmarks/revision.py). Each round runs every mode against every server (the
 order rotating from round to round), and the table shows medians over the rounds, the
-ratio of each server to grpc.aio and of ours to each REV. Every sum is checked; a
-wrong one fails the run (exit 1).
+ratio of each server to grpc.aio and of ours to each REV. ``--workers 1,2`` runs
+our server once per worker count in the same rounds (``ours``, ``ours w2``), and the
+table adds ``ours w2 / ours``; with ``run`` that is ours alone, side by side. Every
+sum is checked; a wrong one fails the run (exit 1).
 
 The load client: ``benchmarks/loadgen`` (Go, grpc-go from Debian's
 golang-google-grpc-dev, built on first use into ``--cache``) when ``go`` is there,
@@ -65,6 +68,7 @@ SERVERS = {
     "grpc.aio": [sys.executable, "-m", "benchmarks.grpcio_server"],
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+OURS_WITH = "ours w"  # ours with another worker count: "ours w2" (see ours_servers)
 
 
 class BenchError(Exception):
@@ -526,11 +530,35 @@ def rotation(servers: list[str], rnd: int) -> list[str]:
 
 
 def ratio_pairs(servers: list[str]) -> list[tuple[str, str]]:
-    """The ratios shown: every server / grpc.aio, then ours / every revision."""
+    """The ratios shown: every server / grpc.aio, then ours / every revision, then
+    ours with each other worker count / ours (``--workers 1,2``: ``ours w2 / ours``)."""
     pairs = [(name, "grpc.aio") for name in servers if name != "grpc.aio" and "grpc.aio" in servers]
     if "ours" in servers:
-        pairs += [("ours", name) for name in servers if name not in ("ours", "grpc.aio")]
+        others = [name for name in servers if name not in ("ours", "grpc.aio")]
+        pairs += [("ours", name) for name in others if not name.startswith(OURS_WITH)]
+        pairs += [(name, "ours") for name in others if name.startswith(OURS_WITH)]
     return pairs
+
+
+def ours_servers(workers: list[int]) -> dict[str, int]:
+    """Our servers by name, and each one's ``--workers``: ``ours`` with the first count,
+    ``ours wN`` with each other (``--workers 1,2``: ours, ours w2)."""
+    names = {"ours": workers[0]}
+    for count in workers[1:]:
+        names[f"{OURS_WITH}{count}"] = count
+    return names
+
+
+def worker_counts(text: str) -> list[int]:
+    """``--workers``: ``2`` or ``1,2`` (each a count of processes, 0 for one per core)."""
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        why = f"{text!r} is not a comma-separated list of counts"
+        raise argparse.ArgumentTypeError(why) from None
+    if any(count < 0 for count in counts) or len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: counts must be >= 0 and different")
+    return counts
 
 
 def ratio_head(top: str, bottom: str) -> str:
@@ -611,7 +639,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-streams", type=int, default=10_000, help="idle: streams")
     parser.add_argument("--client", choices=["auto", "go", "python"], default="auto")
     parser.add_argument(
-        "--workers", type=int, default=1, help="ours: serve --workers N (CPU and RSS summed)"
+        "--workers",
+        type=worker_counts,
+        default=[1],
+        help="ours: serve --workers N (CPU and RSS summed); a list, e.g. 1,2, runs ours once "
+        "per count, side by side (ours, ours w2), with the ratio of each to the first",
     )
     parser.add_argument(
         "--cache",
@@ -665,9 +697,10 @@ def main(argv: list[str] | None = None) -> int:
     except RevisionError as err:
         progress(f"bench: {err}")
         return 2
-    servers = ["ours", *(r.label for r in against), "grpc.aio"]
+    ours = ours_servers(args.workers)
+    servers = [*ours, *(r.label for r in against), "grpc.aio"]
     if args.command != "compare":
-        servers = [args.server]
+        servers = list(ours) if args.server == "ours" else [args.server]
     loadgen, client = None, "python (grpclib NumberClient, in the bench process)"
     if args.client != "python" and any(m in THROUGHPUT for m in args.modes):
         loadgen, why = build_loadgen(args.cache)
@@ -682,7 +715,12 @@ def main(argv: list[str] | None = None) -> int:
     progress(
         f"bench: servers {', '.join(servers)}; modes {', '.join(args.modes)}; "
         f"{args.rounds} round(s) of {args.warmup:g}+{args.seconds:g} s; client: {client}"
-        + (f"; ours (and revisions) with --workers {args.workers}" if args.workers != 1 else "")
+        + (
+            f"; ours (and revisions) with --workers {args.workers[0]}"
+            if args.workers[0] != 1
+            else ""
+        )
+        + "".join(f"; {name}: --workers {count}" for name, count in list(ours.items())[1:])
     )
     started: dict[str, ServerProcess] = {}
     ok = False
@@ -690,14 +728,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = clean_env()
         for name in servers:
-            if name in SERVERS:
-                workers = args.workers if name == "ours" else 1
+            if name in ours:
                 profile = args.profile if name == "ours" else None
-                argv = server_argv(SERVERS[name], profile, workers)
+                argv = server_argv(SERVERS["ours"], profile, ours[name])
                 started[name] = ServerProcess(name, argv)
+            elif name in SERVERS:
+                started[name] = ServerProcess(name, server_argv(SERVERS[name]))
             else:  # a revision: the same flags as ours but the profile, in its worktree
                 rev = next(r for r in against if r.label == name)
-                argv = server_argv(rev.argv(), workers=args.workers)
+                argv = server_argv(rev.argv(), workers=args.workers[0])
                 started[name] = ServerProcess(name, argv, rev.worktree, env)
         bench.run(started)
         ok = True
@@ -731,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
                         name: {"argv": server.argv, "cwd": str(server.cwd)}
                         for name, server in started.items()
                     },
-                    "ours_workers": args.workers,
+                    "ours_workers": ours,
                     "load": vars(load),
                     "summary": rows,
                     "runs": bench.runs,

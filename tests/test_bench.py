@@ -106,6 +106,31 @@ def test_a_wrong_sum_fails_the_run(
     assert "wrong sum after 1 numbers" in report["error"]
 
 
+def test_run_shows_two_worker_counts_side_by_side(tmp_path: Path) -> None:
+    """``run --workers 1,2``: ours as one process and with two workers, in the same
+    rounds, each sum checked, with the ratio of the second to the first."""
+    code, report, stderr = bench(
+        "run", "--client", "python", "--modes", "concurrent", "--workers", "1,2", cache=tmp_path
+    )
+    assert code == 0, stderr
+    assert report["servers"] == ["ours", "ours w2"]
+    assert report["ours_workers"] == {"ours": 1, "ours w2": 2}
+    assert report["commands"]["ours w2"]["argv"][-6:-4] == ["--workers", "2"]
+    assert "--workers" not in report["commands"]["ours"]["argv"]
+    (row,) = report["summary"]
+    assert row["ratios"] == {"ours w2 / ours": row["ours w2"] / row["ours"]}
+    assert {r["server"] for r in report["runs"]} == {"ours", "ours w2"}
+    for run in report["runs"]:
+        assert run["verified"] >= run["messages"] > 0
+
+
+def test_a_bad_worker_list_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench_module.parse(["run", "--workers", "1,x"])
+    assert exit_info.value.code == 2
+    assert "'1,x' is not a comma-separated list of counts" in capsys.readouterr().err
+
+
 def git(*args: str, cwd: Path = ROOT) -> str:
     return subprocess.run(
         ["git", *args], cwd=cwd, capture_output=True, text=True, check=True

@@ -9,7 +9,6 @@ also checks that the server still serves a valid client afterwards.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import re
 import signal
@@ -21,7 +20,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,9 @@ from grpcio_peer import Grpcio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from polling import eventually
-from processes import HOST, assert_one_error_line, free_port, reap, run, start_server
+from processes import HOST, assert_one_error_line, reap, run, start_server
 from rawh2 import H2Client, RawSocket
+from scraping import scrape
 
 from number_service import NumberClient, Retry, build_server
 from number_service.serving.limits import Limits
@@ -44,6 +44,7 @@ from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 CALL_TIMEOUT = 10.0  # seconds for every call, so that no test can hang
 WORKER_HEADER = "number-service-worker"  # initial metadata: the worker that served
+METRICS_LINE = re.compile(r"metrics of all workers on http://127\.0\.0\.1:(\d+)/metrics")
 NUMS = [1, 2, 3, -10]
 SUMS = [1, 3, 6, -4]
 
@@ -449,39 +450,75 @@ def _refused_from(port: int, source_port: int, context: ssl.SSLContext) -> str:
     pytest.fail(f"served a client without a certificate: {data!r}")
 
 
+async def _held_from(stack: AsyncExitStack, port: int, context: ssl.SSLContext) -> int:
+    """A TLS connection kept open (until ``stack`` closes) after one call on it: the
+    worker that served the call."""
+    reader, writer = await _connect_from(port, 0, context)
+    client = await stack.enter_async_context(H2Client(RawSocket(reader, writer)))
+    client.conn.initiate_connection()
+    reply = await client.call(bytes(NumberRequest(num=5)), timeout=CALL_TIMEOUT)
+    assert reply.grpc_status == 0, reply
+    assert reply.messages == [bytes(NumberResponse(sum=5))], reply
+    return int(dict(reply.headers)[WORKER_HEADER])
+
+
+async def _parent_counts(metrics_port: int, counts: list[int]) -> None:
+    """Wait until the supervisor counts ``counts`` open connections per worker."""
+    names = [("grpc_server_worker_connections", frozenset({("worker", str(i))})) for i in (0, 1)]
+    latest: list[float] = []
+
+    def seen() -> bool:
+        metrics = scrape(metrics_port)
+        latest[:] = [metrics.get(name, -1) for name in names]
+        return latest == counts
+
+    try:
+        await eventually(seen, CALL_TIMEOUT)
+    except AssertionError:
+        pytest.fail(f"the supervisor counts {latest} connections per worker, not {counts}")
+
+
 async def test_workers_serve_mtls_each(certs: Certs) -> None:
     """--workers passes the TLS flags on: each worker serves a client certificate and
     refuses a connection without one.
 
-    SO_REUSEPORT picks the worker by the connection's addresses and ports, so
-    connections from one source port reach one worker: from each port, a valid
-    client, then one without a certificate, then a valid one again (the same worker
-    both times shows where the refused one went), until both workers are seen."""
+    The supervisor hands a connection to the worker holding fewest: with a valid
+    client's connection held on each worker, one closed leaves its worker the one
+    the next connection goes to. So, for each worker in turn: close the connection
+    held on it, connect without a certificate (refused, and counted closed), then
+    with one (served by that same worker)."""
     srv = start_server(
         0, "--workers", "2", "--tls-cert", str(certs.server_cert),
         "--tls-key", str(certs.server_key), "--tls-client-ca", str(certs.ca),
+        "--metrics-port", "0",
     )  # fmt: skip
+    metrics_port = int(
+        next(m.group(1) for line in srv.stderr.seen if (m := METRICS_LINE.search(line)))
+    )
     valid = client_context(certs.ca, certs.client_cert, certs.client_key)
     no_cert = client_context(certs.ca)
     served: list[int] = []
     refusals: dict[int, str] = {}
     try:
         assert f"listening on {HOST}:{srv.port} (2 workers, mtls)" in srv.stderr.text()
-        for _ in range(100):  # each worker is hit half the time: 100 tries always do
-            if len(refusals) == 2:
-                break
-            source_port = free_port()
-            try:
-                before = await _worker_from(srv.port, source_port, valid)
-                refusal = _refused_from(srv.port, source_port, no_cert)
-                after = await _worker_from(srv.port, source_port, valid)
-            except OSError as err:  # the port was taken meanwhile: try another
-                if err.errno not in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
-                    raise
-                continue
-            assert before == after, (before, after)
-            served += [before, after]
-            refusals[before] = refusal
+        async with AsyncExitStack() as outer:
+            held: dict[int, AsyncExitStack] = {}
+            for _ in range(2):  # one on each: exact balance
+                stack = await outer.enter_async_context(AsyncExitStack())
+                held[await _held_from(stack, srv.port, valid)] = stack
+            assert sorted(held) == [0, 1]
+            served += [0, 1]
+            await _parent_counts(metrics_port, [1, 1])
+            for worker in (0, 1):
+                others_only = [int(index != worker) for index in (0, 1)]
+                await held[worker].aclose()
+                await _parent_counts(metrics_port, others_only)
+                refusals[worker] = await asyncio.to_thread(_refused_from, srv.port, 0, no_cert)
+                await _parent_counts(metrics_port, others_only)  # closed, counted
+                held[worker] = await outer.enter_async_context(AsyncExitStack())
+                assert await _held_from(held[worker], srv.port, valid) == worker
+                served.append(worker)
+                await _parent_counts(metrics_port, [1, 1])
     finally:
         code = srv.stop(signal.SIGTERM)
         log = srv.stderr.rest()

@@ -174,6 +174,22 @@ async def stream_on(
     pytest.fail(f"no connection landed on worker {worker} in 200 tries")
 
 
+async def streams_on_each(
+    stack: contextlib.AsyncExitStack, port: int, workers: int, each: int
+) -> dict[int, list[Stream[NumberRequest, NumberResponse]]]:
+    """Streams in flight (one number sent: 1), at least ``each`` on every one of
+    ``workers``, each on a connection of its own, all kept open: connections go to
+    the worker that holds fewest, so a stream on one worker takes one on the others."""
+    held: dict[int, list[Stream[NumberRequest, NumberResponse]]] = {}
+    for _ in range(200):
+        if len(held) == workers and min(len(streams) for streams in held.values()) >= each:
+            return held
+        stream = await stack.enter_async_context(open_stream(port))
+        assert await add(stream, 1) == 1
+        held.setdefault(worker_of(stream), []).append(stream)
+    pytest.fail(f"not {each} stream(s) on each of {workers} workers in 200 tries: {held}")
+
+
 async def scrape_until(port: int, done: Callable[[Scraped], bool]) -> Scraped:
     """Scrape until ``done(metrics)``: workers write their files in their own time."""
     latest: Scraped = {}
@@ -335,21 +351,23 @@ async def test_streams_of_a_killed_worker_are_counted_as_handled_unavailable(
         return started == handled(metrics) + value(metrics, "grpc_server_streams_in_flight")
 
     async with asyncio.timeout(TIMEOUT), contextlib.AsyncExitStack() as stack:
-        doomed = [await stream_on(stack, server.port, 1) for _ in range(3)]
-        survivor = await stream_on(stack, server.port, 0)
+        held = await streams_on_each(stack, server.port, 2, 3)  # 3 and 3: exact balance
+        doomed, survivors = held[1], held[0]
+        assert (len(doomed), len(survivors)) == (3, 3)
         in_flight = "grpc_server_streams_in_flight"
-        await scrape_until(port, lambda m: value(m, in_flight) == 4 and balanced(m))
+        await scrape_until(port, lambda m: value(m, in_flight) == 6 and balanced(m))
         os.kill(worker_pids(server)[1], signal.SIGKILL)
         await asyncio.to_thread(server.stderr.wait_for, "was killed by SIGKILL")
         metrics = await scrape_until(
-            port, lambda m: value(m, in_flight) == 1 and handled(m, "Unavailable") == 3
+            port, lambda m: value(m, in_flight) == 3 and handled(m, "Unavailable") == 3
         )
         assert balanced(metrics), metrics
         for stream in doomed:  # their clients saw the connection go
             with pytest.raises(StreamTerminatedError):
                 await add(stream, 1)
-        assert await add(survivor, 2) == 3
-        await finish(survivor)
+        for survivor in survivors:
+            assert await add(survivor, 2) == 3
+            await finish(survivor)
     metrics = await scrape_until(port, lambda m: value(m, in_flight) == 0 and balanced(m))
     assert handled(metrics, "Unavailable") == 3
     assert handled(metrics, "OK") == value(metrics, "grpc_server_started_total") - 3

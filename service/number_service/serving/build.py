@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl as _ssl  # the parameter of Serving.start is called ssl, as in grpclib
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +110,17 @@ class Serving:
             )
         else:  # plain grpclib: asyncio's 60 s handshake timeout
             await self.server.start(sock=sock, ssl=ssl)
+        self.health.set(True)
+
+    def start_from(
+        self, listener: Callable[[Callable[[], asyncio.Protocol]], asyncio.AbstractServer]
+    ) -> None:
+        """Serve the connections ``listener`` sets up (``handoff.Receiver``: those a
+        ``--workers`` supervisor accepted and handed to this worker); this package's
+        Server only (the supervisor uses SO_REUSEPORT under plain grpclib)."""
+        if not isinstance(self.server, grpclib_ext.Server):
+            raise RuntimeError("handed connections need grpclib_ext's Server")
+        self.server.serve_from(listener)
         self.health.set(True)
 
     async def shutdown(self, grace: float) -> None:

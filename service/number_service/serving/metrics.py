@@ -17,11 +17,13 @@ import asyncio
 import gzip
 import os
 import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
 
 import h11
 from grpclib.const import Status
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import values as prometheus_values
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.multiprocess import MultiProcessCollector
 
@@ -159,6 +161,27 @@ def _handled(registry: CollectorRegistry | None) -> Counter:
         (*_LABELS, "grpc_code"),
         registry=registry,
     )
+
+
+WORKER_CONNECTIONS = "grpc_server_worker_connections"
+
+
+class WorkerConnections:
+    """The supervisor's count of open connections per worker (``balance.Balancer``),
+    read at each scrape: label ``worker``, the worker's index."""
+
+    def __init__(self, counts: Callable[[], Sequence[int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            WORKER_CONNECTIONS,
+            "Open connections the supervisor has handed to each worker.",
+            labels=["worker"],
+        )
+        for index, count in enumerate(self._counts()):
+            family.add_metric([str(index)], count)
+        yield family
 
 
 class LostStreams:

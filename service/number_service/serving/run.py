@@ -10,6 +10,7 @@ Also here: the listening socket (:func:`bind`) and how addresses are written.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import os
 import signal
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 
 from grpclib.encoding.base import CodecBase
 
-from . import tracing
+from . import handoff, tracing
 from .build import Serving
 from .limits import Limits
 from .logs import log
@@ -78,7 +79,12 @@ async def serve(
     config = ServeConfig() if config is None else config
     context = None if config.tls is None else config.tls.server_context()
     worker = config.worker
-    sock = bind(config.host, config.port, reuse_port=worker is not None)
+    # A worker of a supervisor that accepts for it serves what it is handed
+    # (handoff.py); under plain grpclib, a worker listens with SO_REUSEPORT.
+    channel = None if worker is None else handoff.channel_from_env(config.name)
+    sock = None
+    if channel is None:
+        sock = bind(config.host, config.port, reuse_port=worker is not None)
     built = Serving.build(
         services(),
         codec=codec,
@@ -101,7 +107,20 @@ async def serve(
     else:
         undo_signals = worker.install(stop, built.streams.hurry)
     try:
-        await built.start(sock, context)
+        if sock is None:
+            assert channel is not None
+            built.start_from(
+                functools.partial(
+                    handoff.Receiver,
+                    channel,
+                    ssl=context,
+                    ssl_handshake_timeout=config.limits.tls_handshake_timeout,
+                )
+            )
+            address = host_port(config.host, config.port)
+        else:
+            await built.start(sock, context)
+            address = host_port(*address_of(sock))
         # What start-up made lives as long as the process: out of the collector's
         # sight, a full collection (which a flood of connections brings on) scans only
         # what connections make. Measured under Rapid Reset: 39 ms pauses, then none.
@@ -109,9 +128,9 @@ async def serve(
         gc.freeze()
         mode = "" if config.tls is None else f" ({config.tls.mode})"
         if worker is None:
-            log.info("listening on %s%s", host_port(*address_of(sock)), mode)
+            log.info("listening on %s%s", address, mode)
         else:  # the supervisor says "listening on" once every worker is ready
-            worker.ready(host_port(*address_of(sock)))
+            worker.ready(address)
         await stop.wait()
         await built.shutdown(config.grace)
     finally:

@@ -1,19 +1,28 @@
-"""``serve --workers N``: N worker processes share one port; this parent watches them.
+"""``serve --workers N``: N worker processes serve one port; this parent watches them.
 
 The parent binds the port first (with SO_REUSEPORT, not listening: it resolves port
-0 once and holds the port; Linux hands connections only to the listening sockets
-of the group, i.e. to the workers). It then starts each worker as its worker command
-(the application's ``serve`` with the options it was given, say) followed by
-``--workers 1 --port <port>``, so every serve option reaches the workers unchanged;
-``worker.py`` is what differs inside one. Worker logs go straight to the shared
-stderr; each worker reports ``ready`` on its stdout pipe, and the parent logs
-``listening on HOST:PORT`` once all of them are.
+0 once and holds the port, also while nothing listens, as in a drain). It listens
+on a second socket of that group itself, accepts every connection and hands it to
+the worker holding the fewest open connections (``balance.Balancer``, as Envoy's
+``exact_balance``), over a Unix socket per worker (``handoff.py``); workers report
+each close, so that C open connections over N workers are floor(C/N) or ceil(C/N)
+each. (Under plain grpclib, when ``grpclib_ext`` does not match the installed
+releases, the workers listen on the port with SO_REUSEPORT instead, and the kernel
+spreads connections by a hash of their addresses and ports.) It starts each worker
+as its worker command (the application's ``serve`` with the options it was given,
+say) followed by ``--workers 1 --port <port>``, so every serve option reaches the
+workers unchanged; ``worker.py`` is what differs inside one. Worker logs go
+straight to the shared stderr; each worker reports ``ready`` on its stdout pipe,
+and gets connections from then on; the parent logs ``listening on HOST:PORT`` once
+all of them are. A worker that dies gets none until it is back (connections wait
+in the backlog while no worker is up).
 
 A worker that dies is restarted, after a back-off that grows while it keeps dying
 soon after start. A worker that dies before it is ready during start-up, or
 ``MAX_START_FAILURES`` times in a row later, makes the parent stop them all and
 exit 1. SIGTERM or SIGINT: SIGTERM to every worker (each drains with --grace),
-wait, exit 0; a second signal cuts the workers' grace short.
+wait, exit 0 (the parent stops accepting first: new connections are refused); a
+second signal cuts the workers' grace short.
 
 A worker not listening ``READY_TIMEOUT`` seconds after its start is killed: a failed
 start. After ``ready`` the parent keeps reading (and dropping) a worker's stdout, so
@@ -32,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -45,9 +55,12 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from . import grpclib_ext
+from .balance import Balancer
+from .handoff import BATCH, Handoff, channel_env, channel_pair
 from .logs import log
-from .metrics import MULTIPROC_ENV, LostStreams, MetricsEndpoint
-from .run import ServeConfig, address_of, dual_stack, host_port, listen_errors, resolve
+from .metrics import MULTIPROC_ENV, LostStreams, MetricsEndpoint, WorkerConnections
+from .run import ServeConfig, address_of, bind, dual_stack, host_port, listen_errors, resolve
 from .worker import HURRY_SIGNAL, READY, worker_env
 
 INITIAL_BACKOFF = 0.1  # seconds before restarting a worker that died
@@ -56,6 +69,7 @@ STABLE_AFTER = 30.0  # a worker that ran this long starts its back-off afresh wh
 MAX_START_FAILURES = 5  # deaths before ready, in a row, after which the parent gives up
 KILL_AFTER = 10.0  # seconds past --grace after which workers still running are killed
 READY_TIMEOUT = 30.0  # seconds a worker may take to listen; then it is killed, a failed start
+ACCEPT_PAUSE = 0.1  # seconds without accepting after accept() failed (out of descriptors, say)
 METRICS_DIR_LOCK = ".lock"  # held (flock) by the parent while its directory is in use
 
 
@@ -182,6 +196,7 @@ class _Slot:
     quick_deaths: int = 0  # deaths in a row within STABLE_AFTER of starting
     start_failures: int = 0  # deaths in a row before it was ready
     ever_ready: bool = False
+    handoff: Handoff | None = None  # its channel, while the process runs (handing out only)
 
 
 class Supervisor:
@@ -202,6 +217,12 @@ class Supervisor:
         self._address = ""
         self._listening = False
         self._lost: LostStreams | None = None  # with --metrics-port
+        # The parent accepts and hands connections out, unless under plain grpclib.
+        self.handing = grpclib_ext.mismatch() is None
+        self.balancer = Balancer(config.workers)
+        self._listener: socket.socket | None = None  # the parent's, while it accepts
+        self._accepting = False  # its reader is on
+        self._accept_failing = False  # accept() failed (EMFILE, say) and has not worked since
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT (exit code 0) or until workers cannot start (1)."""
@@ -213,11 +234,16 @@ class Supervisor:
         lock = None
         endpoint = None
         try:
+            if self.handing:
+                self._listener = bind(self.config.host, port, reuse_port=True)
+                self._listener.setblocking(False)
             if self.config.metrics_port is not None:
                 metrics_dir, lock = make_metrics_dir(metrics_dir_prefix(self.config.name))
                 self._lost = LostStreams(metrics_dir)
                 registry = CollectorRegistry()
                 MultiProcessCollector(registry, path=metrics_dir)  # type: ignore[no-untyped-call]
+                if self.handing:
+                    registry.register(WorkerConnections(lambda: self.balancer.open))
                 host = self.config.metrics_host
                 endpoint = await MetricsEndpoint.start(registry, host, self.config.metrics_port)
                 log.info("metrics of all workers on http://%s:%d/metrics", host, endpoint.port)
@@ -229,8 +255,10 @@ class Supervisor:
                 asyncio.create_task(self._keep(slot, port, metrics_dir)) for slot in self.slots
             ]
             await self._stop.wait()
+            self._stop_accepting()
             await self._stop_workers(tasks)
         finally:
+            self._stop_accepting()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             if endpoint is not None:
@@ -251,7 +279,7 @@ class Supervisor:
         try:
             while not self._stop.is_set():
                 started = time.monotonic()
-                proc = await self._spawn(slot.index, port, metrics_dir)
+                proc = await self._spawn(slot, port, metrics_dir)
                 slot.proc = proc
                 if self._stop.is_set():  # the signal came while it was being started
                     _kill(proc, signal.SIGTERM)
@@ -259,6 +287,9 @@ class Supervisor:
                 discard = None
                 if ready:
                     self._on_ready(slot, proc.pid)
+                    if slot.handoff is not None and not self._stop.is_set():
+                        self.balancer.up(slot.index)
+                        self._start_accepting()
                     # Read on, discarding: a chatty worker must not block on a full pipe.
                     discard = asyncio.create_task(_discard(proc))
                 elif proc.returncode is None and not self._stop.is_set():
@@ -271,6 +302,10 @@ class Supervisor:
                     _kill(proc, signal.SIGKILL)
                 code = await proc.wait()
                 slot.proc = None
+                if slot.handoff is not None:  # the connections it held went with it
+                    slot.handoff.close()
+                    slot.handoff = None
+                    self.balancer.gone(slot.index)
                 if discard is not None:
                     await discard
                 if metrics_dir is not None:  # its in-flight gauge no longer counts
@@ -309,10 +344,21 @@ class Supervisor:
             self._give_up(f"cannot run worker {slot.index}: {err}")
 
     async def _spawn(
-        self, index: int, port: int, metrics_dir: str | None
+        self, slot: _Slot, port: int, metrics_dir: str | None
     ) -> asyncio.subprocess.Process:
         env = dict(os.environ)
-        env[worker_env(self.config.name)] = str(index)
+        env[worker_env(self.config.name)] = str(slot.index)
+        env.pop(channel_env(self.config.name), None)
+        theirs = None
+        if self.handing:  # the Unix socket its connections come over
+            ours, theirs = channel_pair()
+            env[channel_env(self.config.name)] = str(theirs.fileno())
+            index = slot.index
+            slot.handoff = Handoff(
+                ours,
+                on_closed=lambda count: self.balancer.closed(index, count),
+                on_draining=lambda: self.balancer.draining(index),
+            )
         # Only this parent's directory, and only with metrics on: one inherited from
         # the environment is no one's to write to.
         env.pop(MULTIPROC_ENV, None)
@@ -320,16 +366,80 @@ class Supervisor:
             env[MULTIPROC_ENV] = metrics_dir
         # The last --workers and --port win over any in the command. stdin is the
         # worker's lifeline (end of file: the parent is gone); stdout says "ready".
-        return await asyncio.create_subprocess_exec(
-            *self.command,
-            "--workers",
-            "1",
-            "--port",
-            str(port),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=env,
-        )
+        try:
+            return await asyncio.create_subprocess_exec(
+                *self.command,
+                "--workers",
+                "1",
+                "--port",
+                str(port),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env=env,
+                pass_fds=() if theirs is None else (theirs.fileno(),),
+            )
+        except BaseException:
+            if slot.handoff is not None:
+                slot.handoff.close()
+                slot.handoff = None
+            raise
+        finally:
+            if theirs is not None:  # the worker has its own copy
+                theirs.close()
+
+    def _start_accepting(self) -> None:
+        """Accept while some worker takes connections."""
+        if self._listener is not None and not self._accepting and self.balancer.taking():
+            self._accepting = True
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept)
+
+    def _pause_accepting(self) -> None:
+        if self._listener is not None and self._accepting:
+            self._accepting = False
+            asyncio.get_running_loop().remove_reader(self._listener.fileno())
+
+    def _stop_accepting(self) -> None:
+        """Close the parent's listening socket: connections are refused from now on
+        (the reservation still holds the port)."""
+        self._pause_accepting()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+
+    def _accept(self) -> None:
+        """Hand each connection waiting to be accepted to the least-loaded worker."""
+        assert self._listener is not None
+        for _ in range(BATCH):
+            if not self.balancer.taking():  # none does: connections wait in the backlog
+                self._pause_accepting()
+                return
+            try:
+                conn, _ = self._listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as err:  # out of descriptors, say: try again in a moment
+                if err.errno == errno.ECONNABORTED:  # the client gave up first
+                    continue
+                if not self._accept_failing:  # one line per burst, not one per try
+                    self._accept_failing = True
+                    reason = os.strerror(err.errno or 0)
+                    log.warning(
+                        "cannot accept connections: %s; trying every %g s", reason, ACCEPT_PAUSE
+                    )
+                self._pause_accepting()
+                asyncio.get_running_loop().call_later(ACCEPT_PAUSE, self._start_accepting)
+                return
+            if self._accept_failing:
+                self._accept_failing = False
+                log.info("accepting connections again")
+            index = self.balancer.pick()
+            assert index is not None  # some worker takes connections
+            handoff = self.slots[index].handoff
+            if handoff is None:  # cannot happen: a worker taking connections has a channel
+                conn.close()
+                self.balancer.closed(index)
+                continue
+            handoff.hand(conn)
 
     def _on_ready(self, slot: _Slot, pid: int) -> None:
         log.info(

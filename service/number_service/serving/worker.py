@@ -5,7 +5,11 @@ The supervisor (``supervisor.py``) starts each worker with its worker command pl
 where NAME is the application's name (``ServeConfig.name``) in capitals, ``-`` as
 ``_``: ``MY_APP_WORKER_INDEX`` for ``my-app``. Such a process then:
 
-- listens with SO_REUSEPORT, so the kernel spreads connections over the workers;
+- serves the connections the supervisor accepted and handed to it over a Unix
+  socket (``handoff.py``; ``<NAME>_WORKER_CHANNEL`` names its end), reporting each
+  close, so that the supervisor can keep the open connections of its workers
+  exactly even (``balance.py``); or, without that variable (the supervisor does so
+  under plain grpclib), listens with SO_REUSEPORT, and the kernel spreads them;
 - tags every log line with ``worker`` and ``pid``, and every stream's initial
   metadata with ``<name>-worker: <index>`` (``my-app-worker``);
 - writes ``ready`` to stdout (a pipe to the supervisor) once it listens;

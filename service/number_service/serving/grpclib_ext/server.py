@@ -8,9 +8,11 @@ here, with what they stand in for:
 
 - ``Server._protocol_factory``, overridden: grpclib has no hook for the connection
   protocol or the per-connection handler (nor any connection limit);
-- ``Server._server`` (grpclib's asyncio server), set by :meth:`Server.start_on` and
-  closed by :meth:`Server.stop_listening`: there is no public way to pass
-  ``ssl_handshake_timeout``, nor to stop listening without cancelling every stream
+- ``Server._server`` (grpclib's asyncio server), set by :meth:`Server.start_on` (or
+  :meth:`Server.serve_from`) and closed by :meth:`Server.stop_listening`: there is no
+  public way to pass ``ssl_handshake_timeout``, nor to serve connections accepted
+  elsewhere (a ``--workers`` worker's, handed over by its supervisor), nor to stop
+  listening without cancelling every stream
   (grpclib issues #107 and #148 ask for a graceful close); its ``abort_clients``
   (Python 3.13+) ends TLS handshakes still under way at the end of
   :meth:`Server.wait_closed`;
@@ -24,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl as _ssl
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from grpclib.config import Configuration
@@ -118,6 +120,17 @@ class Server(GrpclibServer):
             ssl_handshake_timeout=ssl_handshake_timeout if ssl is not None else None,
         )
         self._server_closed_fut = loop.create_future()
+
+    def serve_from(
+        self, listener: Callable[[Callable[[], asyncio.Protocol]], asyncio.AbstractServer]
+    ) -> None:
+        """Serve the connections that ``listener(protocol_factory)`` sets up with the
+        factory it is given, instead of a listening socket of this process's own (a
+        worker's ``handoff.Receiver``); its ``close()`` is :meth:`stop_listening`'s."""
+        if self._server is not None:
+            raise RuntimeError("Server is already started")
+        self._server = listener(self._protocol_factory)
+        self._server_closed_fut = asyncio.get_running_loop().create_future()
 
     def stop_listening(self) -> None:
         """Refuse new connections; open ones and their streams carry on."""
