@@ -538,6 +538,7 @@ class Row:
     rss_peak: int = 0
     rss_after: int = 0
     failures: list[str] = field(default_factory=list)
+    note: str = ""  # what went wrong for a server that is not judged (grpc.aio)
 
 
 async def _sample_rss(server: ServerProcess, peak: list[int], stop: asyncio.Event) -> None:
@@ -570,7 +571,10 @@ async def _attack_with_bystander(
     await asyncio.sleep(0.3)  # the bystander connected and measuring
     try:
         attacked = await attack_for(server.port, attack, seconds)
-        during = await watching
+        try:
+            during = await watching
+        except BenchError as err:  # a result too: the attack cost the bystander its stream
+            during = {"msg_per_s": 0.0, "p99_us": 0.0, "error": str(err)}
     finally:
         stop.set()
         await sampler
@@ -601,6 +605,10 @@ def run_one(name: str, attack: Attack, seconds: float, bystander: Bystander, str
             _attack_with_bystander(server, attack, seconds, bystander)
         )
         row.rate, row.p99_us = during["msg_per_s"], during["p99_us"]
+        if "error" in during and name == "ours":
+            row.failures.append(during["error"])
+        elif "error" in during:
+            row.note = during["error"]
         row.rss_after = _settled_rss(server)
         row.connections, row.cut, row.frames_sent = (
             attacked.connections,
@@ -685,7 +693,7 @@ def table(rows: list[Row]) -> str:
         rate = f"{r.rate:,.0f}/{r.quiet_rate:,.0f}"
         p99 = f"{r.p99_us / 1000:.2f}/{r.quiet_p99_us / 1000:.2f}"
         rss = f"{r.rss_before / MiB:.1f}/{r.rss_peak / MiB:.1f}/{r.rss_after / MiB:.1f}"
-        result = "ok" if r.server == "ours" else ""
+        result = "ok" if r.server == "ours" else r.note
         if r.failures:
             result = "FAIL: " + "; ".join(r.failures)
         lines.append(
