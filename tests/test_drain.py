@@ -1,0 +1,189 @@
+"""The drain on the wire: what an HTTP/2 client sees when ``serve`` gets SIGTERM.
+
+grpc-go's GracefulStop: GOAWAY with last-stream-id 2^31-1 and a PING; once the PING
+is answered, GOAWAY with the real last stream id. A stream that crossed the first
+GOAWAY is served, one opened after the second is refused with
+RST_STREAM(REFUSED_STREAM), streams in flight carry on, and the connection ends with
+a FIN, not a reset. A raw h2 client on 127.0.0.1 reads every frame; GOAWAY frames are
+kept from its h2 (h2 4.4 refuses every frame after it receives one, h2 #1181).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Callable
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import DataReceived, TrailersReceived
+from hyperframe.frame import Frame, GoAwayFrame, PingFrame, RstStreamFrame
+from processes import EXIT_TIMEOUT, HOST, ServerProcess, reap, start_server
+from rawh2 import ACCUMULATE, grpc_message, parse_frames
+
+TIMEOUT = 10.0  # seconds for any one wait here (the machine is shared)
+MAX_STREAM_ID = 2**31 - 1
+
+
+def number(num: int) -> bytes:
+    """A NumberRequest with ``num`` (positive, small), as a gRPC message."""
+    return grpc_message(b"\x08" + bytes([num]))
+
+
+def answer(num: int) -> bytes:
+    """A NumberResponse with sum ``num`` (positive, small), as a gRPC message."""
+    return grpc_message(b"\x08" + bytes([num]))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class Client:
+    """A raw HTTP/2 client that records every frame the server sends, in order."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.h2 = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        self.frames: list[Frame] = []
+        self.rest = b""
+        self.data: dict[int, bytes] = {}
+        self.trailers: dict[int, dict[str, str]] = {}
+        self.eof = False
+        self.reset_by_peer = False
+        self.hold: list[Frame] = []  # frames received, not yet given to h2
+
+    @classmethod
+    async def connect(cls, port: int) -> Client:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        client = cls(reader, writer)
+        client.h2.initiate_connection()
+        await client.flush()
+        return client
+
+    async def flush(self) -> None:
+        if data := self.h2.data_to_send():
+            self.writer.write(data)
+            await self.writer.drain()
+
+    def open(self, *payloads: bytes) -> int:
+        stream_id = self.h2.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", ACCUMULATE)]
+        headers += [(":authority", HOST), ("te", "trailers"), ("content-type", "application/grpc")]
+        self.h2.send_headers(stream_id, headers)
+        for payload in payloads:
+            self.h2.send_data(stream_id, payload)
+        return stream_id
+
+    async def read_frames(self) -> list[Frame]:
+        """Read once; the whole frames that came (EOF and reset are noted)."""
+        try:
+            chunk = await asyncio.wait_for(self.reader.read(65536), TIMEOUT)
+        except ConnectionResetError:
+            self.reset_by_peer = True
+            chunk = b""
+        if not chunk:
+            self.eof = True
+            return []
+        frames, self.rest = parse_frames(self.rest + chunk)
+        self.frames += frames
+        return frames
+
+    def give(self, frame: Frame) -> None:
+        """Hand one frame to h2 (not a GOAWAY) and note what it says of streams."""
+        if isinstance(frame, GoAwayFrame):
+            return
+        for event in self.h2.receive_data(frame.serialize()):
+            if isinstance(event, DataReceived) and event.stream_id is not None:
+                stream_id = event.stream_id
+                self.data[stream_id] = self.data.get(stream_id, b"") + (event.data or b"")
+                self.h2.acknowledge_received_data(event.flow_controlled_length or 0, stream_id)
+            elif isinstance(event, TrailersReceived) and event.stream_id is not None:
+                self.trailers[event.stream_id] = {
+                    _text(key): _text(value) for key, value in event.headers or []
+                }
+
+    async def until(self, done: Callable[[], bool], *, give: bool = True) -> None:
+        """Read and (with ``give``) hand frames to h2 until ``done()`` or EOF."""
+        async with asyncio.timeout(TIMEOUT):
+            while not done() and not self.eof:
+                for frame in await self.read_frames():
+                    if give:
+                        self.give(frame)
+                    else:
+                        self.hold.append(frame)
+                await self.flush()
+
+    def goaways(self) -> list[GoAwayFrame]:
+        return [f for f in self.frames if isinstance(f, GoAwayFrame)]
+
+    def refused(self, stream_id: int) -> bool:
+        return any(
+            isinstance(f, RstStreamFrame)
+            and f.stream_id == stream_id
+            and f.error_code == ErrorCodes.REFUSED_STREAM
+            for f in self.frames
+        )
+
+
+def status_of(client: Client, stream_id: int) -> str | None:
+    return client.trailers.get(stream_id, {}).get("grpc-status")
+
+
+async def test_sigterm_sends_two_goaways_refuses_new_streams_and_ends_with_a_fin() -> None:
+    server: ServerProcess = start_server(0, "--grace", "20")
+    try:
+        client = await Client.connect(server.port)
+        first = client.open(number(5))
+        await client.until(lambda: client.data.get(first) == answer(5))
+
+        server.proc.send_signal(signal.SIGTERM)
+        # The first GOAWAY (2^31-1) and its PING; not handed to h2 yet, so that a
+        # stream opened now reaches the server before the PING's answer does.
+        await client.until(lambda: any(isinstance(f, PingFrame) for f in client.hold), give=False)
+        (goaway,) = client.goaways()
+        assert goaway.last_stream_id == MAX_STREAM_ID
+        assert goaway.error_code == ErrorCodes.NO_ERROR
+        types = [type(f).__name__ for f in client.frames]
+        assert types.index("GoAwayFrame") < types.index("PingFrame"), types
+        crossed = client.open(number(7))  # sent before the PING's ACK: still served
+        await client.flush()
+        for frame in client.hold:
+            client.give(frame)  # h2 answers the PING now
+        client.hold = []
+        await client.flush()
+        await client.until(lambda: len(client.goaways()) == 2)
+        second = client.goaways()[1]
+        assert second.last_stream_id == crossed, second  # the real last stream id
+        assert second.error_code == ErrorCodes.NO_ERROR
+
+        late = client.open(number(9))  # after the second GOAWAY: refused, not answered
+        await client.flush()
+        await client.until(lambda: client.refused(late))
+        assert late not in client.data
+        assert late not in client.trailers
+
+        # The streams in flight carry on, and end OK.
+        client.h2.send_data(first, number(1), end_stream=True)
+        client.h2.send_data(crossed, b"", end_stream=True)
+        await client.flush()
+        await client.until(lambda: status_of(client, first) == status_of(client, crossed) == "0")
+        assert client.data[first] == answer(5) + answer(6)
+        assert client.data[crossed] == answer(7)
+
+        # Then the server closes: a FIN, with nothing left unread on either side.
+        await client.until(lambda: False)
+        assert client.eof
+        assert not client.reset_by_peer
+        assert len(client.goaways()) == 2
+        client.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await client.writer.wait_closed()
+        assert server.proc.wait(EXIT_TIMEOUT) == 0
+        log = server.stderr.rest()
+        assert "Traceback" not in log, log
+        assert "grace period over" not in log, log
+    finally:
+        reap(server.proc)
