@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 from collections.abc import Callable
 
 from h2.config import H2Configuration
@@ -21,7 +22,10 @@ from h2.errors import ErrorCodes
 from h2.events import DataReceived, TrailersReceived
 from hyperframe.frame import Frame, GoAwayFrame, PingFrame, RstStreamFrame
 from processes import EXIT_TIMEOUT, HOST, ServerProcess, reap, start_server
-from rawh2 import ACCUMULATE, grpc_message, parse_frames
+from rawh2 import ACCUMULATE, H2Client, RawSocket, Reply, grpc_message, parse_frames
+
+from number_service import build_server
+from number_service.serving import address_of, bind
 
 TIMEOUT = 10.0  # seconds for any one wait here (the machine is shared)
 MAX_STREAM_ID = 2**31 - 1
@@ -187,3 +191,40 @@ async def test_sigterm_sends_two_goaways_refuses_new_streams_and_ends_with_a_fin
         assert "grace period over" not in log, log
     finally:
         reap(server.proc)
+
+
+async def test_a_connection_still_in_the_listen_backlog_is_served_not_reset() -> None:
+    """A connection the kernel completed but the server had not yet accepted when
+    its drain began, its request already sent (as nginx sends one): it is taken
+    from the backlog and drained like the others (its stream answered, the two
+    GOAWAYs), where closing the listening socket would reset it and fail a request
+    that no client retries. In-process, so that the drain starts before the event
+    loop can accept the connection."""
+    sock = bind(HOST, 0)
+    built = build_server()
+    await built.start(sock)
+    port = address_of(sock)[1]
+    raw = socket.create_connection((HOST, port), timeout=TIMEOUT)  # blocks the loop: unaccepted
+    h2 = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+    h2.initiate_connection()
+    stream_id = h2.get_next_available_stream_id()
+    headers = [(":method", "POST"), (":scheme", "http"), (":path", ACCUMULATE)]
+    headers += [(":authority", HOST), ("te", "trailers"), ("content-type", "application/grpc")]
+    h2.send_headers(stream_id, headers)
+    h2.send_data(stream_id, number(5), end_stream=True)
+    raw.sendall(h2.data_to_send())
+    shutdown = asyncio.create_task(built.shutdown(grace=5))  # runs before the accept
+    client = H2Client(RawSocket(*await asyncio.open_connection(sock=raw)))
+    client.conn = h2
+    client.replies[stream_id] = Reply()
+    try:
+        reply = client.replies[stream_id]
+        await client.read_until(lambda: client.closed)
+        assert reply.grpc_status == 0, reply
+        assert reply.data == answer(5)
+        assert [g.last_stream_id for g in client.goaways] == [MAX_STREAM_ID, stream_id]
+        await asyncio.wait_for(shutdown, TIMEOUT)
+    finally:
+        await client.close()
+        if not shutdown.done():
+            shutdown.cancel()

