@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +29,7 @@ from typing import Any
 import grpc
 import pytest
 from grpcio_peer import Grpcio
-from processes import HOST, ServerProcess, free_port, reap, start_server
+from processes import HOST, Lines, ServerProcess, free_port, reap, start_server
 from test_loadbalancer import nginx, nginx_binary  # noqa: F401 - nginx_binary is a fixture
 
 THREADS = 6
@@ -174,3 +177,46 @@ def test_grpcio_through_nginx_over_a_rolling_restart_fails_no_call(
 ) -> None:
     with replicas() as pair, nginx(nginx_binary, tmp_path, pair.ports) as port:
         roll_under_calls(f"{HOST}:{port}", channel_options(), pair, grpcio_gen)
+
+
+NODE_DIR = Path(__file__).resolve().parent / "node"
+
+
+@pytest.fixture
+def grpc_js() -> list[str]:
+    """The command that runs tests/node/calls.js, or skip (before any replica starts)
+    saying what is missing: node, or grpc-js (``./dev test`` and ``.ci/run`` run
+    ``npm ci`` in tests/node when npm is there)."""
+    node = shutil.which("node") or shutil.which("nodejs")
+    if node is None:
+        pytest.skip("node is not installed: `apt-get install nodejs npm` (.ci/run does)")
+    if not (NODE_DIR / "node_modules" / "@grpc" / "grpc-js").is_dir():
+        pytest.skip("grpc-js is not installed: `npm ci --prefix tests/node` (./dev test does)")
+    return [node, str(NODE_DIR / "calls.js")]
+
+
+def test_grpc_js_round_robin_over_a_rolling_restart_fails_no_call(grpc_js: list[str]) -> None:
+    with replicas() as pair:
+        target = "ipv4:" + ",".join(f"{HOST}:{port}" for port in pair.ports)
+        proc = subprocess.Popen(
+            [*grpc_js, target, str(THREADS)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            assert proc.stderr is not None
+            stdout, stderr = Lines(proc.stdout), Lines(proc.stderr)
+            assert stdout.get(timeout=SERVED_TIMEOUT) == "ready\n", stderr.rest()
+            pair.roll()
+            assert proc.stdin is not None
+            proc.stdin.close()
+            assert proc.wait(CALL_TIMEOUT + 10) == 0, stderr.rest()
+            result = json.loads(stdout.rest().splitlines()[-1])
+        finally:
+            reap(proc)
+    assert result["failed"] == [], f"{len(result['failed'])} of {result['ok']} failed"
+    assert result["ok"] > 50, result
+    pair.check_logs()
