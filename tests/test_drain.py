@@ -228,3 +228,32 @@ async def test_a_connection_still_in_the_listen_backlog_is_served_not_reset() ->
         await client.close()
         if not shutdown.done():
             shutdown.cancel()
+
+
+async def test_a_goaway_from_the_client_leaves_its_streams_in_flight_running() -> None:
+    """A client's GOAWAY (node's http2 sends one as soon as it has the server's, to
+    close gracefully) speaks of streams the server would open, none in gRPC: the
+    client's streams in flight carry on to OK. h2 4.4 moved the connection to CLOSED
+    on it and refused their next DATA (a PROTOCOL_ERROR GOAWAY), and grpclib ended
+    every stream of the connection."""
+    sock = bind(HOST, 0)
+    built = build_server()
+    await built.start(sock)
+    try:
+        client = await H2Client.connect(address_of(sock)[1])
+        stream_id = client.open_stream()
+        client.send_data(stream_id, number(5))
+        reply = client.replies[stream_id]
+        await client.read_until(lambda: reply.data == answer(5))
+        mine = GoAwayFrame(0)
+        mine.last_stream_id = 0
+        mine.error_code = ErrorCodes.NO_ERROR
+        await client.sock.send(mine.serialize())
+        client.send_data(stream_id, number(2), end_stream=True)
+        await client.read_until(lambda: reply.ended or reply.reset is not None)
+        assert client.goaways == []
+        assert reply.grpc_status == 0, reply
+        assert reply.data == answer(5) + answer(7)
+        await client.close()
+    finally:
+        await built.shutdown(grace=0)

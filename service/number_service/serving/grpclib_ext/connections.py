@@ -261,6 +261,7 @@ class Connection(H2Protocol):
             self.connection.flush()
         _guard_headers(h2, lambda: self._drain_last is not None)
         _watch_drain_ping(h2, self._last_goaway_frame)
+        h2._frame_dispatch_table[GoAwayFrame] = _receive_goaway
         if limits.idle_timeout is not None:
             self._watch_idle()
 
@@ -733,6 +734,18 @@ def _watch_drain_ping(h2: H2Connection, answered: Callable[[], Frame | None]) ->
         return frames, events
 
     table[PingFrame] = watched
+
+
+def _receive_goaway(frame: GoAwayFrame) -> tuple[list[Frame], list[Any]]:
+    """A client's GOAWAY, in place of h2's handler (in the private
+    ``_frame_dispatch_table``; h2 has no hook): nothing to do. It limits the streams
+    the server would open (none in gRPC), not the client's own, which carry on; node's
+    http2 sends one as soon as it reads the drain's. h2 4.4 moves the connection to
+    CLOSED on it and then refuses every frame of the streams in flight (h2 #1181, the
+    state machine that makes the drain write its GOAWAYs raw), and grpclib's
+    ``process_connection_terminated`` would end them all. The client closes the
+    connection when it is done, or the drain does."""
+    return [], []
 
 
 def _decode(h2: H2Connection, block: bytes) -> None:
