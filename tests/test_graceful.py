@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -29,8 +30,10 @@ from typing import Any
 import grpc
 import pytest
 from grpcio_peer import Grpcio
-from processes import HOST, Lines, ServerProcess, free_port, reap, start_server
+from processes import EXIT_TIMEOUT, HOST, Lines, ServerProcess, free_port, reap, start_server
 from test_loadbalancer import nginx, nginx_binary  # noqa: F401 - nginx_binary is a fixture
+
+import benchmarks.bench as bench_module
 
 THREADS = 6
 CALL_TIMEOUT = 20.0  # seconds for one short call (the machine is shared)
@@ -220,3 +223,56 @@ def test_grpc_js_round_robin_over_a_rolling_restart_fails_no_call(grpc_js: list[
     assert result["failed"] == [], f"{len(result['failed'])} of {result['ok']} failed"
     assert result["ok"] > 50, result
     pair.check_logs()
+
+
+GO_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "number-service-bench"
+
+
+@pytest.fixture
+def loadgen() -> Path:
+    """The Go load client (benchmarks/loadgen, grpc-go), built in the benchmarks' cache,
+    or skip (before any replica starts) saying what is missing."""
+    binary, why = bench_module.build_loadgen(GO_CACHE)
+    if binary is None:
+        pytest.skip(f"the Go load client cannot be built: {why} (.ci/run installs go)")
+    return binary
+
+
+def test_the_go_load_client_sees_both_goaways_and_no_stream_fails(loadgen: Path) -> None:
+    """grpc-go streams (2 connections, 8 pipelined streams, every sum checked) through a
+    replica's SIGTERM: each connection gets GOAWAY 2^31-1 then its real last stream id,
+    and every stream carries on to OK within the grace (the run ends 2 s after it)."""
+    server = start_server(0, "--grace", "30")
+    try:
+        proc = subprocess.Popen(
+            [
+                str(loadgen),
+                *("-addr", f"{HOST}:{server.port}", "-mode", "concurrent", "-goaways"),
+                *("-streams", "8", "-conns", "2", "-inflight", "10"),
+                *("-warmup", "0.5", "-seconds", "3"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            time.sleep(1.5)  # the streams are open and answering
+            server.proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=CALL_TIMEOUT + 30)
+        finally:
+            reap(proc)
+        assert proc.returncode == 0, err or out
+        result = json.loads(out)
+        assert result.get("error") is None, result
+        assert result["verified"] > 0, result
+        goaways = result["goaways"]
+        assert len(goaways) == 4, goaways  # two per connection
+        assert sorted(goaways)[2:] == [2**31 - 1] * 2, goaways
+        assert all(0 < last < 2**31 - 1 and last % 2 for last in sorted(goaways)[:2]), goaways
+        assert server.proc.wait(EXIT_TIMEOUT) == 0
+        log = server.stderr.rest()
+        assert "grace period over" not in log, log
+        assert "Traceback" not in log, log
+        assert log.count("status=OK") >= 8, log
+    finally:
+        reap(server.proc)
