@@ -23,6 +23,12 @@ connection. On top of grpclib's own protocol it
   and queues no empty DATA frame (grpclib queued every one, ~100 B each);
 - hands grpclib no request that the client reset within the same slice (Rapid
   Reset: grpclib would build its stream, buffers and task only to cancel them);
+- drains as grpc-go's GracefulStop does (:meth:`Connection.drain`, for the server's
+  shutdown): GOAWAY with last-stream-id 2^31-1 and a PING, then, on the PING's ACK
+  (or after ``DRAIN_PING_TIMEOUT``), GOAWAY with the real last stream id; streams
+  after it get RST_STREAM(REFUSED_STREAM), which gRPC clients retry elsewhere; the
+  connection closes, lingering, after its last stream. A client's own GOAWAY ends
+  none of its streams in flight;
 - closes after a GOAWAY of its own by lingering: FIN once it is written, what the
   client still sends read and dropped, an abort after ``CLOSE_WAIT`` (closing with
   unread bytes would send a TCP RST, which can destroy the GOAWAY unread);
@@ -47,6 +53,13 @@ Private attributes used here, with what each stands in for:
   for h2's UnknownFrameReceived, and queues empty DATA) and ``H2Protocol``'s
   ``connection.feed`` / ``processor`` (its ``data_received``, done here in slices):
   grpclib has no flood defence nor any hook for what it is fed (no upstream issue).
+- h2's ``_frame_dispatch_table`` again, for PING (the drain's ACK must be seen in h2's
+  frame loop, between the HEADERS frames read with it: no hook in h2 or grpclib) and
+  GOAWAY (h2 4.4 moves to CLOSED on a GOAWAY it receives and refuses every frame
+  after it, h2 #1181; grpclib's ``process_connection_terminated`` ends every stream).
+  The drain's own GOAWAYs are written raw for the same h2 issue. grpclib has no
+  graceful close (grpclib issues #107, #148). grpclib's ``Connection.
+  stream_close_waiter`` (no underscore, undocumented) tells when a stream ends.
 - grpclib's ``EventsProcessor.register``, wrapped per connection: grpclib has no event
   for a stream's start and end on a connection, which the idle timeout needs (grpclib
   has no idle timeout: grpc's MaxConnectionIdle has no grpclib equivalent).
