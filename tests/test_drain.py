@@ -25,7 +25,7 @@ from processes import EXIT_TIMEOUT, HOST, ServerProcess, reap, start_server
 from rawh2 import ACCUMULATE, H2Client, RawSocket, Reply, grpc_message, parse_frames
 
 from number_service import build_server
-from number_service.serving import address_of, bind
+from number_service.serving import address_of, bind, grpclib_ext
 
 TIMEOUT = 10.0  # seconds for any one wait here (the machine is shared)
 MAX_STREAM_ID = 2**31 - 1
@@ -257,3 +257,55 @@ async def test_a_goaway_from_the_client_leaves_its_streams_in_flight_running() -
         await client.close()
     finally:
         await built.shutdown(grace=0)
+
+
+async def test_a_connection_made_once_the_drain_began_is_drained_not_refused() -> None:
+    """asyncio makes a connection's protocol a loop turn or more after it accepts it
+    (and a TLS one after its handshake): one accepted just before the listening
+    socket closed is made once the drain has begun, its request perhaps already sent
+    (nginx sends it at once). It is drained like the others: its stream answered,
+    the two GOAWAYs, no reset (refusing it closed it with the request unread, a TCP
+    reset: nginx answered that request 502). Here the connection is made as asyncio's
+    accept makes it, from a socket pair, while a stream in flight keeps the drain on."""
+    sock = bind(HOST, 0)
+    built = build_server()
+    await built.start(sock)
+    server = built.server
+    assert isinstance(server, grpclib_ext.Server)
+    busy = await H2Client.connect(address_of(sock)[1])
+    shutdown: asyncio.Task[None] | None = None
+    try:
+        held = busy.open_stream()
+        busy.send_data(held, number(1))
+        await busy.read_until(lambda: busy.replies[held].data == answer(1))
+        shutdown = asyncio.create_task(built.shutdown(grace=5))
+        await busy.read_until(lambda: len(busy.goaways) == 2)
+
+        ours, theirs = socket.socketpair()
+        h2 = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        h2.initiate_connection()
+        stream_id = h2.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", ACCUMULATE)]
+        headers += [(":authority", HOST), ("te", "trailers"), ("content-type", "application/grpc")]
+        h2.send_headers(stream_id, headers)
+        h2.send_data(stream_id, number(5), end_stream=True)
+        ours.sendall(h2.data_to_send())
+        theirs.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(server._protocol_factory, theirs)
+        late = H2Client(RawSocket(*await asyncio.open_connection(sock=ours)))
+        late.conn = h2
+        late.replies[stream_id] = reply = Reply()
+        await late.read_until(lambda: late.closed)
+        assert reply.grpc_status == 0, reply
+        assert reply.data == answer(5)
+        assert [g.last_stream_id for g in late.goaways] == [MAX_STREAM_ID, stream_id]
+        await late.close()
+        busy.send_data(held, b"", end_stream=True)
+        await busy.read_until(lambda: busy.closed)
+        assert busy.replies[held].grpc_status == 0
+        await asyncio.wait_for(shutdown, TIMEOUT)
+    finally:
+        await busy.close()
+        if shutdown is None:
+            await built.shutdown(grace=0)

@@ -241,7 +241,7 @@ def loadgen() -> Path:
 def test_the_go_load_client_sees_both_goaways_and_no_stream_fails(loadgen: Path) -> None:
     """grpc-go streams (2 connections, 8 pipelined streams, every sum checked) through a
     replica's SIGTERM: each connection gets GOAWAY 2^31-1 then its real last stream id,
-    and every stream carries on to OK within the grace (the run ends 2 s after it)."""
+    and every stream carries on to OK within the grace (the run ends 3 s after it)."""
     server = start_server(0, "--grace", "30")
     try:
         proc = subprocess.Popen(
@@ -249,14 +249,14 @@ def test_the_go_load_client_sees_both_goaways_and_no_stream_fails(loadgen: Path)
                 str(loadgen),
                 *("-addr", f"{HOST}:{server.port}", "-mode", "concurrent", "-goaways"),
                 *("-streams", "8", "-conns", "2", "-inflight", "10"),
-                *("-warmup", "0.5", "-seconds", "3"),
+                *("-warmup", "1", "-seconds", "4"),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
         try:
-            time.sleep(1.5)  # the streams are open and answering
+            time.sleep(2.0)  # the streams are open and answering (it dials in ms)
             server.proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=CALL_TIMEOUT + 30)
         finally:

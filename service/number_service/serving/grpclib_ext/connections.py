@@ -143,7 +143,9 @@ class Connections:
         self.idle_closed = 0  # connections closed by the idle timeout, in all
         self.cut = 0  # connections closed for breaking a flood limit, in all
         self.closing = False  # close() was called: connections made from now on are refused
-        self.draining = False  # drain() was called: the same
+        self.draining = False  # drain() was called: connections made from now on drain
+        self.drain_timeout = DRAIN_PING_TIMEOUT  # drain()'s, for those made later
+        self._drains: list[asyncio.Future[None]] = []  # each connection's, once draining
         self.live: set[Connection] = set()  # every connection made and not yet lost
         self._refused_in_burst = 0  # refused since the cap was last reached
 
@@ -189,15 +191,26 @@ class Connections:
             connection.close()
 
     async def drain(self, timeout: float = DRAIN_PING_TIMEOUT) -> None:
-        """Begin the graceful close of every connection (:meth:`Connection.drain`) and
-        refuse connections made from now on; return once each has sent its second
-        GOAWAY, the one with its real last stream id (its PING answered, or
-        ``timeout`` s passed). From then on no new stream is let in anywhere."""
+        """Begin the graceful close of every connection (:meth:`Connection.drain`);
+        return once each has sent its second GOAWAY, the one with its real last stream
+        id (its PING answered, or ``timeout`` s passed), those made meanwhile too.
+
+        A connection made from now on drains at once: asyncio makes a connection's
+        protocol a turn or more after it accepts it (a TLS one after its handshake),
+        so one accepted just before the listening socket closed may come now, its
+        request already sent. Refusing it would close it unread (a TCP reset) and
+        fail that request."""
         self.draining = True
-        started = [connection.drain(timeout) for connection in list(self.live)]
-        waits = [future for future in started if future is not None]
-        if waits:
-            await asyncio.wait(waits, timeout=timeout + CLOSE_WAIT)  # each has its timer
+        self.drain_timeout = timeout
+        for connection in list(self.live):
+            connection.drain(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout + CLOSE_WAIT  # each connection has its timer
+        while (pending := [f for f in self._drains if not f.done()]) and (
+            left := deadline - loop.time()
+        ) > 0:
+            await asyncio.wait(pending, timeout=left)
+        self._drains = [f for f in self._drains if not f.done()]
 
     async def wait_closed(self, timeout: float = CLOSE_WAIT) -> None:
         """After :meth:`close`: wait up to ``timeout`` s for every connection to end,
@@ -244,7 +257,7 @@ class Connection(H2Protocol):
         connections = self._connections
         connections.live.add(self)
         limits = connections.limits
-        if connections.closing or connections.draining:  # a TLS handshake just done
+        if connections.closing:  # made after close(): a TLS handshake just done
             self._refuse("server is shutting down; try again later")
             return
         if not connections.admit():
@@ -275,7 +288,9 @@ class Connection(H2Protocol):
         _guard_headers(h2, lambda: self._drain_last is not None)
         _watch_drain_ping(h2, self._last_goaway_frame)
         h2._frame_dispatch_table[GoAwayFrame] = _receive_goaway
-        if limits.idle_timeout is not None:
+        if connections.draining:  # made after the drain began: see Connections.drain
+            self.drain(connections.drain_timeout)
+        elif limits.idle_timeout is not None:
             self._watch_idle()
 
     def _refuse(self, reason: str) -> None:
@@ -367,6 +382,7 @@ class Connection(H2Protocol):
             return None
         loop = asyncio.get_running_loop()
         self._drain = loop.create_future()
+        self._connections._drains.append(self._drain)
         self._stop_idle()
         self.connection.flush()  # what h2 holds goes first
         goaway(self._coalescing, MAX_STREAM_ID, ErrorCodes.NO_ERROR, DRAIN_REASON)

@@ -139,6 +139,7 @@ class Server(GrpclibServer):
         backlog: list[socket.socket] = []
         listening = self._listening
         if listening is not None and listening.fileno() != -1:
+            listening.setblocking(False)  # asyncio's already; an accept must not wait
             while True:
                 try:
                     conn, _ = listening.accept()
