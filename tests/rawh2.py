@@ -244,7 +244,10 @@ class H2Client:
         self.conn = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
         self.replies: dict[int, Reply] = {}
         self.pings_acked = 0
-        self.goaway: ConnectionTerminated | None = None
+        self.goaway: ConnectionTerminated | None = None  # the first GOAWAY's
+        self.goaways: list[GoAwayFrame] = []  # every GOAWAY, in order
+        self._goaways: list[ConnectionTerminated] = []  # of this read, not yet taken
+        self._partial = b""  # a frame not yet whole
         self.closed = False  # end of file or reset from the server
 
     @classmethod
@@ -320,14 +323,44 @@ class H2Client:
                 if not reply.ended and reply.reset is None:
                     reply.disconnected = True
             return []
-        events = self.conn.receive_data(data)
+        events = self.conn.receive_data(self._without_goaways(data))
+        events = self._goaways + events
+        self._goaways = []
         for event in events:
             self._take(event)
         return events
 
+    def _without_goaways(self, data: bytes) -> bytes:
+        """``data`` less its GOAWAY frames, each noted as h2's event for it: h2 4.4
+        refuses every frame after a GOAWAY it received (h2 #1181), and a draining
+        server sends two and then the frames of the streams in flight. Frames cut
+        short wait for the next read."""
+        buffer = self._partial + data
+        kept = bytearray()
+        view = memoryview(buffer)
+        while len(view) >= 9:
+            length = int.from_bytes(view[:3], "big")
+            if len(view) < 9 + length:
+                break
+            if view[3] == GOAWAY:
+                goaway = GoAwayFrame(0)
+                goaway.parse_body(view[9 : 9 + length])
+                event = ConnectionTerminated()
+                event.error_code = ErrorCodes(goaway.error_code)
+                event.last_stream_id = goaway.last_stream_id
+                event.additional_data = goaway.additional_data or None
+                self._goaways.append(event)
+                self.goaways.append(goaway)
+            else:
+                kept += view[: 9 + length]
+            view = view[9 + length :]
+        self._partial = bytes(view)
+        return bytes(kept)
+
     def _take(self, event: Event) -> None:
         if isinstance(event, ConnectionTerminated):
-            self.goaway = event
+            if self.goaway is None:
+                self.goaway = event
             for reply in self.replies.values():
                 reply.goaway = int(event.error_code or 0)
         elif isinstance(event, PingAckReceived):

@@ -26,6 +26,12 @@ import pytest
 import yaml
 from processes import HOST, READY_LINE, RUN_TIMEOUT, Lines, reap
 
+from number_service.serving.grpclib_ext import DRAIN_PING_TIMEOUT
+from number_service.serving.grpclib_ext.connections import CLOSE_WAIT
+from number_service.serving.run import DEFAULT_GRACE
+from number_service.serving.streams import TRAILERS_WAIT
+from number_service.serving.supervisor import KILL_AFTER
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
@@ -300,14 +306,72 @@ def test_pods_run_as_the_images_non_root_user() -> None:
     assert container()["securityContext"]["allowPrivilegeEscalation"] is False
 
 
+def grace_of(main: dict[str, Any]) -> float:
+    """The container's --grace: its flag, else NUMBER_SERVICE_GRACE, else serve's default."""
+    args = main["args"]
+    if "--grace" in args:
+        return float(args[args.index("--grace") + 1])
+    return float(env_of(main).get("NUMBER_SERVICE_GRACE", DEFAULT_GRACE))
+
+
+def workers_of(main: dict[str, Any]) -> str:
+    args = main["args"]
+    if "--workers" in args:
+        return str(args[args.index("--workers") + 1])
+    return env_of(main).get("NUMBER_SERVICE_WORKERS", "1")
+
+
+def longest_drain(grace: float, workers: str) -> float:
+    """The longest a SIGTERM'd ``serve`` takes to exit with the drain's bounds: the
+    PING's answer, the grace, the UNAVAILABLE trailers, the connections' close; with
+    workers, the supervisor's SIGKILL of a worker still running after the grace."""
+    drain = DRAIN_PING_TIMEOUT + grace + TRAILERS_WAIT + CLOSE_WAIT
+    return drain if workers == "1" else max(drain, grace + KILL_AFTER)
+
+
 def test_pods_get_time_to_drain() -> None:
-    """terminationGracePeriodSeconds covers the preStop sleep and the whole --grace,
+    """terminationGracePeriodSeconds covers the preStop sleep and the whole drain,
     so the kubelet's SIGKILL never cuts a stream the server is still draining."""
     pod = only("Deployment")["spec"]["template"]["spec"]
     main = container()
-    grace = float(env_of(main)["NUMBER_SERVICE_GRACE"])
     pre_stop = main.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
-    assert pod["terminationGracePeriodSeconds"] > pre_stop + grace
+    drain = longest_drain(grace_of(main), workers_of(main))
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + drain, (pre_stop, drain)
+
+
+def test_the_drain_bound_can_fail() -> None:
+    """The relation above is not vacuous: serve's own default grace with workers
+    needs more than a 15 s termination grace period."""
+    assert longest_drain(DEFAULT_GRACE, "2") > 15
+    assert longest_drain(20, "1") > 20
+
+
+def test_a_rolling_update_takes_a_pod_down_only_once_its_replacement_is_ready() -> None:
+    """maxUnavailable 0 and maxSurge of at least one: the new pod must pass readiness
+    (gRPC health SERVING) before an old one gets SIGTERM, so the replicas serving
+    never drop below ``replicas``; with two or more, clients always have another
+    replica to retry the drain's refused streams on."""
+    spec = only("Deployment")["spec"]
+    assert spec["replicas"] >= 2
+    assert spec["strategy"]["type"] == "RollingUpdate"
+    rolling = spec["strategy"]["rollingUpdate"]
+    assert str(rolling["maxUnavailable"]) in ("0", "0%")
+    assert str(rolling["maxSurge"]) not in ("0", "0%")
+
+
+def test_readiness_is_the_health_the_drain_turns_not_serving() -> None:
+    """Readiness asks the whole server's gRPC health, which the drain sets NOT_SERVING
+    before anything else (``Serving.shutdown``; then the port closes, so a probe is
+    refused, and tests/test_second_service.py watches it turn); the preStop
+    sleep keeps the pod serving while endpoints and proxies take it out, and is
+    shorter than the termination grace period."""
+    main = container()
+    probe = main["readinessProbe"]
+    assert probe["grpc"].get("service", "") == ""
+    assert probe["failureThreshold"] == 1  # one failed probe takes it out
+    pre_stop = main["lifecycle"]["preStop"]["sleep"]["seconds"]
+    pod = only("Deployment")["spec"]["template"]["spec"]
+    assert 0 < pre_stop < pod["terminationGracePeriodSeconds"]
 
 
 def test_resources_are_set() -> None:

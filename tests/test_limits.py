@@ -316,9 +316,14 @@ async def test_shutdown_closes_every_connection_left_open() -> None:
         assert reply.grpc_status == Status.UNAVAILABLE.value
         assert "shut down" in (reply.grpc_message or "")
         await idle.read_until(lambda: False)
-        for client in (busy, idle):
+        for client, last in ((busy, stream), (idle, 0)):
             assert client.closed
-            assert client.goaway is None  # a plain close, after everything written
+            # The drain's two GOAWAYs (2^31-1, then the real last stream id), then the
+            # close, after everything written.
+            assert [(g.last_stream_id, g.error_code) for g in client.goaways] == [
+                (2**31 - 1, 0),
+                (last, 0),
+            ]
         assert (await silent.read(timeout=TIMEOUT)).closed
     finally:
         for peer in (busy, idle, silent):

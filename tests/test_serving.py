@@ -22,6 +22,7 @@ import number_service
 from fieldkinds_gen.testing.fieldkinds import Inner, Kinds
 from number_service import serving
 from number_service.serving import Serving, StrictCodec, address_of, bind
+from number_service.serving.grpclib_ext.client import make_channel
 from number_service.serving.streams import SHUTDOWN_MESSAGE
 from number_service.serving.supervisor import metrics_dir_prefix
 from number_service.serving.worker import Worker, worker_env, worker_header
@@ -122,12 +123,14 @@ async def test_the_drain_waits_for_the_services_streams_not_for_health() -> None
     """Shutdown with a grace of 5 s: an echo stream in flight carries on and, once
     it ends, the drain is over at once, though a health Watch stream stays open
     (it never ends by itself); an echo stream still open at the end of the grace
-    gets UNAVAILABLE with the layer's message, which says nothing about sums."""
+    gets UNAVAILABLE with the layer's message, which says nothing about sums.
+    The client is grpclib's with ``grpclib_ext``'s connections: grpclib's own fails
+    every stream of a connection that receives a GOAWAY, the drain's too."""
     built = Serving.build([Echo()])
     sock = bind(HOST, 0)
     await built.start(sock)
     loop = asyncio.get_running_loop()
-    async with Channel(*address_of(sock), codec=StrictCodec()) as channel:
+    async with make_channel(*address_of(sock), codec=StrictCodec()) as channel:
         watch = channel.request(
             WATCH, Cardinality.UNARY_STREAM, HealthCheckRequest, HealthCheckResponse
         )
@@ -158,7 +161,7 @@ async def test_the_drain_waits_for_the_services_streams_not_for_health() -> None
     built = Serving.build([Echo()])
     sock = bind(HOST, 0)
     await built.start(sock)
-    async with Channel(*address_of(sock), codec=StrictCodec()) as channel:
+    async with make_channel(*address_of(sock), codec=StrictCodec()) as channel:
         with pytest.raises(GRPCError) as cut:
             async with channel.request(ECHO, Cardinality.STREAM_STREAM, Kinds, Kinds) as call:
                 await call.send_request()

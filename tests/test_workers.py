@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from grpclib.client import Channel, Stream
+from grpclib.client import Stream
 from grpclib.const import Cardinality
 from grpclib.exceptions import StreamTerminatedError
 from polling import eventually
@@ -46,6 +46,7 @@ from number_service import NumberClient
 from number_service.codec import NumberCodec
 from number_service.service import ACCUMULATE_NUMBERS
 from number_service.serving import supervisor
+from number_service.serving.grpclib_ext.client import make_channel
 from number_service.serving.supervisor import (
     cpu_count,
     make_metrics_dir,
@@ -113,8 +114,10 @@ def serve_workers() -> Iterator[Start]:
 
 @contextlib.asynccontextmanager
 async def open_stream(port: int) -> AsyncIterator[Stream[NumberRequest, NumberResponse]]:
-    """One AccumulateNumbers stream on a connection of its own."""
-    channel = Channel(HOST, port, codec=NumberCodec())
+    """One AccumulateNumbers stream on a connection of its own. grpclib's client with
+    ``grpclib_ext``'s connections: grpclib's own fails every stream of a connection
+    that receives a GOAWAY, the drain's too."""
+    channel = make_channel(HOST, port, codec=NumberCodec())
     try:
         async with channel.request(
             ACCUMULATE_NUMBERS,

@@ -9,7 +9,9 @@
 //
 // It prints one JSON object: messages answered (and verified) in the measured
 // window, its length, latency percentiles (ping-pong), and the CPU seconds this
-// process and the server (read from /proc/PID/stat) spent in the window.
+// process and the server (read from /proc/PID/stat) spent in the window. With
+// -goaways, also the last-stream-id of every GOAWAY the server sent, read from the
+// bytes of each connection (grpc-go says nothing of them): what a drain sends.
 package main
 
 import (
@@ -20,6 +22,7 @@ import (
 	"fmt"
 	"io"
 	"io/ioutil"
+	"net"
 	"os"
 	"sort"
 	"strconv"
@@ -92,20 +95,21 @@ func decode(data []byte) (int32, error) {
 }
 
 type result struct {
-	Mode             string  `json:"mode"`
-	Client           string  `json:"client"`
-	Streams          int     `json:"streams"`
-	Connections      int     `json:"connections"`
-	Messages         int64   `json:"messages"`
-	Verified         int64   `json:"verified"`
-	Seconds          float64 `json:"seconds"`
-	MsgPerSec        float64 `json:"msg_per_s"`
-	P50us            float64 `json:"p50_us,omitempty"`
-	P90us            float64 `json:"p90_us,omitempty"`
-	P99us            float64 `json:"p99_us,omitempty"`
-	ClientCPUSeconds float64 `json:"client_cpu_s"`
-	ServerCPUSeconds float64 `json:"server_cpu_s"`
-	Error            string  `json:"error,omitempty"`
+	Mode             string   `json:"mode"`
+	Client           string   `json:"client"`
+	Streams          int      `json:"streams"`
+	Connections      int      `json:"connections"`
+	Messages         int64    `json:"messages"`
+	Verified         int64    `json:"verified"`
+	Seconds          float64  `json:"seconds"`
+	MsgPerSec        float64  `json:"msg_per_s"`
+	P50us            float64  `json:"p50_us,omitempty"`
+	P90us            float64  `json:"p90_us,omitempty"`
+	P99us            float64  `json:"p99_us,omitempty"`
+	ClientCPUSeconds float64  `json:"client_cpu_s"`
+	ServerCPUSeconds float64  `json:"server_cpu_s"`
+	GoAways          []uint32 `json:"goaways,omitempty"`
+	Error            string   `json:"error,omitempty"`
 }
 
 type run struct {
@@ -258,6 +262,51 @@ func finish(st grpc.ClientStream) error {
 	return nil
 }
 
+// goAways records the last-stream-id of every GOAWAY frame read on any connection.
+type goAways struct {
+	mu   sync.Mutex
+	seen []uint32
+}
+
+// frameReader is a net.Conn whose reads are scanned for HTTP/2 frame headers (a
+// server sends frames from its first byte on).
+type frameReader struct {
+	net.Conn
+	log     *goAways
+	header  []byte // the frame header read so far
+	payload []byte // a GOAWAY's first 4 payload bytes read so far
+	left    int    // payload bytes of the current frame still to come
+	goaway  bool   // the current frame is a GOAWAY
+}
+
+func (c *frameReader) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	for _, b := range p[:n] {
+		switch {
+		case c.left == 0 && len(c.header) < 9:
+			c.header = append(c.header, b)
+			if len(c.header) == 9 {
+				c.left = int(c.header[0])<<16 | int(c.header[1])<<8 | int(c.header[2])
+				c.goaway = c.header[3] == 0x7
+				c.header, c.payload = c.header[:0], c.payload[:0]
+			}
+		default:
+			c.left--
+			if c.goaway && len(c.payload) < 4 {
+				c.payload = append(c.payload, b)
+				if len(c.payload) == 4 {
+					id := (uint32(c.payload[0])<<24 | uint32(c.payload[1])<<16 |
+						uint32(c.payload[2])<<8 | uint32(c.payload[3])) & 0x7fffffff
+					c.log.mu.Lock()
+					c.log.seen = append(c.log.seen, id)
+					c.log.mu.Unlock()
+				}
+			}
+		}
+	}
+	return n, err
+}
+
 func cpuSelf() float64 {
 	var ru syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
@@ -307,6 +356,7 @@ func main() {
 	inflight := flag.Int("inflight", 1000, "stream, concurrent: unanswered numbers per stream "+
 		"(0: unbounded, i.e. up to the server's HTTP/2 window, which can hold 100,000s)")
 	serverPid := flag.String("server-pid", "", "server processes (comma-separated pids) whose CPU time to report")
+	watchGoAways := flag.Bool("goaways", false, "report the last-stream-id of every GOAWAY received")
 	flag.Parse()
 
 	nStreams, nConns, perStream := 1, 1, *inflight
@@ -324,10 +374,22 @@ func main() {
 		time.Duration((*seconds+*warmup+60)*float64(time.Second)))
 	defer cancel()
 
+	log := &goAways{}
+	dialOpts := []grpc.DialOption{grpc.WithInsecure(), grpc.WithBlock()}
+	if *watchGoAways {
+		dialOpts = append(dialOpts, grpc.WithContextDialer(
+			func(ctx context.Context, address string) (net.Conn, error) {
+				conn, err := (&net.Dialer{}).DialContext(ctx, "tcp", address)
+				if err != nil {
+					return nil, err
+				}
+				return &frameReader{Conn: conn, log: log}, nil
+			}))
+	}
 	ccs := make([]*grpc.ClientConn, nConns)
 	for i := range ccs {
 		dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
-		cc, err := grpc.DialContext(dctx, *addr, grpc.WithInsecure(), grpc.WithBlock())
+		cc, err := grpc.DialContext(dctx, *addr, dialOpts...)
 		dcancel()
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "loadgen: cannot connect to %s: %v\n", *addr, err)
@@ -382,6 +444,9 @@ func main() {
 	if r.err != nil {
 		res.Error = r.err.Error()
 	}
+	log.mu.Lock()
+	res.GoAways = append([]uint32(nil), log.seen...)
+	log.mu.Unlock()
 	_ = json.NewEncoder(os.Stdout).Encode(res)
 	if r.err != nil {
 		os.Exit(1)

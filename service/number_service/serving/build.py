@@ -38,6 +38,7 @@ from .reflection import with_reflection
 from .streams import SHUTDOWN_MESSAGE, Servable, Streams
 
 STOP_WAIT = 5.0  # seconds past the grace period that a shutdown waits for connections
+ADOPT_WAIT = 0.2  # seconds for the connections taken from the listen backlog to be made
 
 
 @dataclass
@@ -83,7 +84,15 @@ class Serving:
         spans = None  # tracing off: not one listener more
         if tracer_provider is not None:  # its listeners before Streams': see otel.ServerSpans
             spans = tracing.server_spans(server, tracer_provider, message_events=trace_messages)
-        streams = Streams(server, served, drained=drained, shutdown_message=shutdown_message)
+        streams = Streams(
+            server,
+            served,
+            drained=drained,
+            shutdown_message=shutdown_message,
+            # Ours refuse new streams as gRPC servers do (connections.py); plain
+            # grpclib's cannot, so its new streams get UNAVAILABLE.
+            refuse_while_draining=not isinstance(server, grpclib_ext.Server),
+        )
         streams.on_end.append(log_stream_end)
         if spans is not None:
             spans.follow(streams)
@@ -126,15 +135,30 @@ class Serving:
     async def shutdown(self, grace: float) -> None:
         """Drain: NOT_SERVING, no new connections or streams, in-flight streams get
         ``grace`` seconds to finish; those left end with UNAVAILABLE. Then every
-        connection is closed, so that clients holding one cannot keep it waiting."""
+        connection is closed, so that clients holding one cannot keep it waiting.
+
+        New streams are refused as gRPC servers do (grpc-go's GracefulStop): every
+        connection gets a GOAWAY with last-stream-id 2^31-1 and a PING, then, once
+        the PING is answered (or after ``DRAIN_PING_TIMEOUT``), a GOAWAY with its real
+        last stream id; streams that still come get RST_STREAM(REFUSED_STREAM), which
+        clients retry on another connection. A connection closes once its last
+        stream is done. (Plain grpclib: new streams get UNAVAILABLE.)"""
+        started = asyncio.get_running_loop().time()
         self.health.set(False)
         # Plain grpclib has no way to stop listening alone: its close() would also
         # cancel every stream at once. Its new streams are refused (Streams.drain).
         if isinstance(self.server, grpclib_ext.Server):
             self.server.stop_listening()
+            await self.server.adopted(ADOPT_WAIT)
+            await self.server.connections.drain(min(grace, grpclib_ext.DRAIN_PING_TIMEOUT))
+            # The streams let in just before the second GOAWAYs: their tasks start
+            # (and are counted in flight) on the next turns of the loop.
+            for _ in range(3):
+                await asyncio.sleep(0)
         in_flight = self.streams.drained_in_flight
         log.info("draining: not listening; up to %g s for %d stream(s)", grace, in_flight)
-        ended = await self.streams.drain(grace)
+        left = max(0.0, grace - (asyncio.get_running_loop().time() - started))
+        ended = await self.streams.drain(left)
         if ended:
             log.warning("grace period over: ended %d stream(s) with UNAVAILABLE", ended)
         # Cancels what still runs (health Watch streams, say) and closes every

@@ -119,11 +119,15 @@ class Streams:
         *,
         drained: Collection[str] = (),
         shutdown_message: str = SHUTDOWN_MESSAGE,
+        refuse_while_draining: bool = True,
     ) -> None:
         """Follow ``server``, which serves ``services``. ``drained``: method paths whose
         streams a drain waits for; others, such as health Watch streams, never end
         by themselves and are left to ``Server.close()``. ``shutdown_message``: the
-        UNAVAILABLE status's message for a drained stream the drain has to end."""
+        UNAVAILABLE status's message for a drained stream the drain has to end.
+        ``refuse_while_draining``: answer new streams of those methods UNAVAILABLE
+        while draining; off where the connections refuse them before they start
+        (``grpclib_ext``'s GOAWAY and REFUSED_STREAM, which clients retry)."""
         self._types = {
             path: _TYPES[handler.cardinality]
             for service in services
@@ -137,6 +141,7 @@ class Streams:
         self._quiet.set()
         self._hurry = asyncio.Event()
         self.draining = False
+        self._refuse = refuse_while_draining
         self.on_start = Listeners()
         # Each time messages are counted (once per batch the server reports): the
         # record's received_now/sent_now say how many since the last call.
@@ -158,7 +163,7 @@ class Streams:
     # grpclib event listeners: each runs inside the stream's handler task.
 
     async def _recv_request(self, event: events.RecvRequest) -> None:
-        if self.draining and event.method_name in self._drained:  # health still answers
+        if self.draining and self._refuse and event.method_name in self._drained:
             raise GRPCError(
                 Status.UNAVAILABLE, "server is shutting down; retry on another connection"
             )

@@ -20,13 +20,14 @@ from grpclib.config import Configuration
 from grpclib.encoding.base import CodecBase
 from grpclib.server import Server as GrpclibServer
 
-from .connections import ConnectionLimits, Connections
+from .connections import DRAIN_PING_TIMEOUT, ConnectionLimits, Connections
 from .floods import FloodLimits
 from .server import Server
 from .stream import BATCH, BatchingStream, Counter, StreamLimits, message_name
 
 __all__ = [
     "BATCH",
+    "DRAIN_PING_TIMEOUT",
     "WRITTEN_FOR",
     "BatchingStream",
     "ConnectionLimits",

@@ -23,6 +23,12 @@ connection. On top of grpclib's own protocol it
   and queues no empty DATA frame (grpclib queued every one, ~100 B each);
 - hands grpclib no request that the client reset within the same slice (Rapid
   Reset: grpclib would build its stream, buffers and task only to cancel them);
+- drains as grpc-go's GracefulStop does (:meth:`Connection.drain`, for the server's
+  shutdown): GOAWAY with last-stream-id 2^31-1 and a PING, then, on the PING's ACK
+  (or after ``DRAIN_PING_TIMEOUT``), GOAWAY with the real last stream id; streams
+  after it get RST_STREAM(REFUSED_STREAM), which gRPC clients retry elsewhere; the
+  connection closes, lingering, after its last stream. A client's own GOAWAY ends
+  none of its streams in flight;
 - closes after a GOAWAY of its own by lingering: FIN once it is written, what the
   client still sends read and dropped, an abort after ``CLOSE_WAIT`` (closing with
   unread bytes would send a TCP RST, which can destroy the GOAWAY unread);
@@ -47,6 +53,13 @@ Private attributes used here, with what each stands in for:
   for h2's UnknownFrameReceived, and queues empty DATA) and ``H2Protocol``'s
   ``connection.feed`` / ``processor`` (its ``data_received``, done here in slices):
   grpclib has no flood defence nor any hook for what it is fed (no upstream issue).
+- h2's ``_frame_dispatch_table`` again, for PING (the drain's ACK must be seen in h2's
+  frame loop, between the HEADERS frames read with it: no hook in h2 or grpclib) and
+  GOAWAY (h2 4.4 moves to CLOSED on a GOAWAY it receives and refuses every frame
+  after it, h2 #1181; grpclib's ``process_connection_terminated`` ends every stream).
+  The drain's own GOAWAYs are written raw for the same h2 issue. grpclib has no
+  graceful close (grpclib issues #107, #148). grpclib's ``Connection.
+  stream_close_waiter`` (no underscore, undocumented) tells when a stream ends.
 - grpclib's ``EventsProcessor.register``, wrapped per connection: grpclib has no event
   for a stream's start and end on a connection, which the idle timeout needs (grpclib
   has no idle timeout: grpc's MaxConnectionIdle has no grpclib equivalent).
@@ -66,13 +79,20 @@ from grpclib.protocol import AbstractHandler, H2Protocol
 from h2.config import H2Configuration
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
-from h2.events import DataReceived, Event, RequestReceived, StreamReset, UnknownFrameReceived
+from h2.events import (
+    DataReceived,
+    Event,
+    PingAckReceived,
+    RequestReceived,
+    StreamReset,
+    UnknownFrameReceived,
+)
 from h2.exceptions import DenialOfServiceError, ProtocolError, TooManyStreamsError
 from h2.settings import SettingCodes
 from h2.stream import StreamClosedBy
 from h2.utilities import SizeLimitDict
 from hpack.exceptions import HPACKError, OversizedHeaderListError
-from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, RstStreamFrame
+from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame
 
 from .coalesce import CoalescingTransport
 from .floods import FloodLimits, FrameAccounting, Verdict
@@ -80,6 +100,13 @@ from .floods import FloodLimits, FrameAccounting, Verdict
 log = logging.getLogger(__name__)
 
 CLOSE_WAIT = 1.0  # seconds a connection closed at shutdown gets to write what it holds
+#: Seconds a draining connection waits for the answer to its PING before it sends the
+#: second GOAWAY anyway (grpc-go waits 5 s; a peer that answers at all does so in one
+#: round trip, and the grace period runs meanwhile).
+DRAIN_PING_TIMEOUT = 1.0
+DRAIN_PING = b"drain\x00\x00\x00"  # the opaque data of the drain's PING (8 bytes)
+DRAIN_REASON = "server is shutting down"  # the drain's GOAWAY debug data
+MAX_STREAM_ID = 2**31 - 1  # the first GOAWAY's last-stream-id: every stream may still come
 #: How many closed streams h2 remembers per connection (how each closed: a late frame on
 #: a stream reset is answered RST_STREAM, on one ended, a connection error). h2 keeps
 #: 65,536; a gRPC client sends frames on a stream only until it sees its end, so the
@@ -116,6 +143,9 @@ class Connections:
         self.idle_closed = 0  # connections closed by the idle timeout, in all
         self.cut = 0  # connections closed for breaking a flood limit, in all
         self.closing = False  # close() was called: connections made from now on are refused
+        self.draining = False  # drain() was called: connections made from now on drain
+        self.drain_timeout = DRAIN_PING_TIMEOUT  # drain()'s, for those made later
+        self._drains: list[asyncio.Future[None]] = []  # each connection's, once draining
         self.live: set[Connection] = set()  # every connection made and not yet lost
         self._refused_in_burst = 0  # refused since the cap was last reached
 
@@ -160,6 +190,28 @@ class Connections:
         for connection in list(self.live):
             connection.close()
 
+    async def drain(self, timeout: float = DRAIN_PING_TIMEOUT) -> None:
+        """Begin the graceful close of every connection (:meth:`Connection.drain`);
+        return once each has sent its second GOAWAY, the one with its real last stream
+        id (its PING answered, or ``timeout`` s passed), those made meanwhile too.
+
+        A connection made from now on drains at once: asyncio makes a connection's
+        protocol a turn or more after it accepts it (a TLS one after its handshake),
+        so one accepted just before the listening socket closed may come now, its
+        request already sent. Refusing it would close it unread (a TCP reset) and
+        fail that request."""
+        self.draining = True
+        self.drain_timeout = timeout
+        for connection in list(self.live):
+            connection.drain(timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout + CLOSE_WAIT  # each connection has its timer
+        while (pending := [f for f in self._drains if not f.done()]) and (
+            left := deadline - loop.time()
+        ) > 0:
+            await asyncio.wait(pending, timeout=left)
+        self._drains = [f for f in self._drains if not f.done()]
+
     async def wait_closed(self, timeout: float = CLOSE_WAIT) -> None:
         """After :meth:`close`: wait up to ``timeout`` s for every connection to end,
         then abort those left (their peer does not read what they hold)."""
@@ -194,6 +246,10 @@ class Connection(H2Protocol):
         self._done = False  # closed by us for a flood or a protocol error
         self._abort_later: asyncio.TimerHandle | None = None
         self._coalescing: CoalescingTransport | None = None  # the transport grpclib writes to
+        self._drain: asyncio.Future[None] | None = None  # drain(): done at the second GOAWAY
+        self._drain_timer: asyncio.TimerHandle | None = None  # the PING's answer, or else
+        self._drain_last: int | None = None  # the second GOAWAY's last stream id, once sent
+        self._drain_close: asyncio.Task[None] | None = None  # closes after the last stream
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -229,8 +285,12 @@ class Connection(H2Protocol):
             # h2 enforces the new value once the client has acknowledged it.
             h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: wanted})
             self.connection.flush()
-        _guard_headers(h2)
-        if limits.idle_timeout is not None:
+        _guard_headers(h2, lambda: self._drain_last is not None)
+        _watch_drain_ping(h2, self._last_goaway_frame)
+        h2._frame_dispatch_table[GoAwayFrame] = _receive_goaway
+        if connections.draining:  # made after the drain began: see Connections.drain
+            self.drain(connections.drain_timeout)
+        elif limits.idle_timeout is not None:
             self._watch_idle()
 
     def _refuse(self, reason: str) -> None:
@@ -264,6 +324,8 @@ class Connection(H2Protocol):
         timeout = self._connections.limits.idle_timeout
         if timeout is None or self._transport is None or self._transport.is_closing():
             return
+        if self._drain is not None:  # the drain closes it
+            return
         self._stop_idle()
         self._idle = asyncio.get_running_loop().call_later(timeout, self._close_idle)
 
@@ -293,24 +355,111 @@ class Connection(H2Protocol):
         # the GOAWAY back (coalesce.py) and sends it before it closes.
         self.connection.close()
 
+    # --- the drain: a graceful GOAWAY, as grpc-go's GracefulStop sends it -------------
+
+    def drain(self, timeout: float = DRAIN_PING_TIMEOUT) -> asyncio.Future[None] | None:
+        """Begin a graceful close: GOAWAY with last-stream-id 2^31-1 (the client opens
+        no more streams here, and those already on their way are still taken) and a
+        PING; when its ACK comes, or after ``timeout`` s, a second GOAWAY with the real
+        last stream id, after which new streams get RST_STREAM(REFUSED_STREAM), which
+        gRPC clients retry on another connection by themselves. Streams in flight carry
+        on; after the last, the connection closes (FIN, see :meth:`close`).
+
+        The GOAWAYs are written raw, outside h2's state machine: h2 4.4 moves its
+        connection to CLOSED once it sends a GOAWAY (h2 #1181) and then refuses the
+        frames of the streams in flight. Returns what is done once the second GOAWAY
+        is out; None when there is nothing to drain (refused, closing, draining).
+        """
+        transport = self._transport
+        if (
+            not self._admitted
+            or self._done
+            or self._drain is not None
+            or self._coalescing is None
+            or transport is None
+            or transport.is_closing()
+        ):
+            return None
+        loop = asyncio.get_running_loop()
+        self._drain = loop.create_future()
+        self._connections._drains.append(self._drain)
+        self._stop_idle()
+        self.connection.flush()  # what h2 holds goes first
+        goaway(self._coalescing, MAX_STREAM_ID, ErrorCodes.NO_ERROR, DRAIN_REASON)
+        ping = PingFrame(0)
+        ping.opaque_data = DRAIN_PING
+        self._coalescing.write(ping.serialize())
+        self._drain_timer = loop.call_later(timeout, self._last_goaway_unanswered)
+        return self._drain
+
+    def _last_goaway_frame(self) -> GoAwayFrame | None:
+        """The second GOAWAY, the last stream id being the highest the client opened so
+        far (every later one is refused); None if it is not due or went already. Called
+        in h2's frame loop when the PING's ACK is read, so that the streams opened
+        before the ACK, and only those, are let in."""
+        if self._drain is None or self._drain_last is not None:
+            return None
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        self._drain_last = _h2(self).highest_inbound_stream_id
+        asyncio.get_running_loop().call_soon(self._drained)
+        return goaway_frame(self._drain_last, ErrorCodes.NO_ERROR, DRAIN_REASON)
+
+    def _last_goaway_unanswered(self) -> None:
+        """The PING was not answered in time: the second GOAWAY all the same."""
+        self._drain_timer = None
+        if self._done or self._coalescing is None or self._transport is None:
+            return
+        self.connection.flush()
+        frame = self._last_goaway_frame()
+        if frame is not None:
+            self._coalescing.write(frame.serialize())
+
+    def _drained(self) -> None:
+        """The second GOAWAY is out: close once the streams in flight are done."""
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        if self._transport is not None and not self._done:
+            self._drain_close = asyncio.get_running_loop().create_task(self._close_after_streams())
+
+    async def _close_after_streams(self) -> None:
+        # grpclib sets stream_close_waiter each time one of its streams is released.
+        waiter = self.connection.stream_close_waiter
+        while self.processor.streams:
+            waiter.clear()
+            await waiter.wait()
+        self._drain_close = None
+        self.close()
+        if self._transport is not None and self._abort_later is None:
+            self._abort_later = asyncio.get_running_loop().call_later(CLOSE_WAIT, self.abort)
+
     # --- the close at shutdown ----------------------------------------------------------
 
     def close(self) -> None:
         """Close the connection once what it holds is written (see Connections.close).
 
-        No GOAWAY: a grpclib client fails every stream still open on its side when
-        it reads one, and a draining GOAWAY is a change of its own. This close is
-        what the end of the process used to do, FIN after everything written.
+        It lingers: a FIN once everything is written, then what the client still
+        sends is read and dropped until it closes too (or the abort of
+        ``Connections.wait_closed``); closing with unread bytes would make the
+        kernel send a TCP RST, which can destroy what the client has not read yet.
+        No GOAWAY of its own: after a drain the client has had two.
         """
         transport = self._transport
         if transport is None or transport.is_closing():
             return
         self._stop_idle()
-        if self._admitted:
+        if self._admitted and not self._done:
+            self._done = True  # from now on what comes is dropped (data_received)
+            if self._drain_timer is not None:
+                self._drain_timer.cancel()
+                self._drain_timer = None
+            if self._coalescing is not None:
+                self._coalescing.linger()
             # Through grpclib's connection: it stops the keepalive, and its transport
             # may hold writes back (coalesce.py), which it sends before it closes.
             self.connection.close()
-        else:
+        elif not self._admitted:
             transport.close()
 
     def abort(self) -> None:
@@ -469,10 +618,15 @@ class Connection(H2Protocol):
             trim_memory_soon()  # what its buffers took, once its handlers are done
         self._accounting = None
         self._stop_idle()
-        for handle in (self._turn, self._abort_later):
+        for handle in (self._turn, self._abort_later, self._drain_timer):
             if handle is not None:
                 handle.cancel()
-        self._turn = self._abort_later = None
+        self._turn = self._abort_later = self._drain_timer = None
+        if self._drain_close is not None:
+            self._drain_close.cancel()
+            self._drain_close = None
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)  # nothing left to drain
         self._inbound = bytearray()
         if self._admitted:
             self._admitted = False
@@ -537,12 +691,13 @@ def _h2(protocol: H2Protocol) -> H2Connection:
     return h2
 
 
-def _guard_headers(h2: H2Connection) -> None:
+def _guard_headers(h2: H2Connection, draining: Callable[[], bool]) -> None:
     """Wrap h2's HEADERS handler (in the private ``_frame_dispatch_table``; h2 has no
     public hook) so that
 
-    - a stream opened over SETTINGS_MAX_CONCURRENT_STREAMS gets RST_STREAM
-      REFUSED_STREAM, as RFC 9113 section 5.1.2 requires, and the others carry on
+    - a stream opened over SETTINGS_MAX_CONCURRENT_STREAMS, or after the drain's
+      second GOAWAY (``draining()`` true), gets RST_STREAM REFUSED_STREAM, as RFC
+      9113 sections 5.1.2 and 6.8 require, and the others carry on
       (h2 4 raises TooManyStreamsError, a connection error, and grpclib then drops
       the whole connection). The refused stream is closed-by-reset for h2: later
       frames on it get RST_STREAM and their flow-control credit back;
@@ -556,18 +711,25 @@ def _guard_headers(h2: H2Connection) -> None:
     table = h2._frame_dispatch_table
     receive_headers = table[HeadersFrame]
 
+    def refuse(frame: HeadersFrame) -> tuple[list[Frame], list[Any]]:
+        _decode(h2, frame.data)  # keep HPACK state in step with the client
+        stream_id = frame.stream_id
+        h2.highest_inbound_stream_id = max(h2.highest_inbound_stream_id, stream_id)
+        h2._closed_streams[stream_id] = StreamClosedBy.SEND_RST_STREAM
+        reset = RstStreamFrame(stream_id)
+        reset.error_code = ErrorCodes.REFUSED_STREAM
+        return [reset], []
+
     def guarded(frame: HeadersFrame) -> tuple[list[Frame], list[Any]]:
+        if (
+            frame.stream_id > h2.highest_inbound_stream_id and frame.stream_id % 2 and draining()
+        ):  # a new stream after the drain's last stream id
+            return refuse(frame)
         try:
             handled: tuple[list[Frame], list[Any]] = receive_headers(frame)
             return handled
         except TooManyStreamsError:
-            _decode(h2, frame.data)  # keep HPACK state in step with the client
-            stream_id = frame.stream_id
-            h2.highest_inbound_stream_id = max(h2.highest_inbound_stream_id, stream_id)
-            h2._closed_streams[stream_id] = StreamClosedBy.SEND_RST_STREAM
-            reset = RstStreamFrame(stream_id)
-            reset.error_code = ErrorCodes.REFUSED_STREAM
-            return [reset], []
+            return refuse(frame)
         except UnicodeDecodeError:
             h2.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)  # queues the RST
             return [], []
@@ -579,6 +741,40 @@ def _guard_headers(h2: H2Connection) -> None:
             raise
 
     table[HeadersFrame] = guarded
+
+
+def _watch_drain_ping(h2: H2Connection, answered: Callable[[], Frame | None]) -> None:
+    """Wrap h2's PING handler (in the private ``_frame_dispatch_table``; h2 has no
+    hook, and grpclib none for what it is fed) so that the ACK of the drain's PING
+    sends what ``answered()`` returns (the second GOAWAY) in h2's frame loop: streams
+    whose HEADERS came before the ACK are let in, those after it refused, whatever
+    else the same read held. The ACK is not passed on to grpclib, whose keepalive
+    would take it for the answer to a PING of its own."""
+    table = h2._frame_dispatch_table
+    receive_ping = table[PingFrame]
+
+    def watched(frame: PingFrame) -> tuple[list[Frame], list[Any]]:
+        frames, events = receive_ping(frame)
+        if "ACK" in frame.flags and frame.opaque_data == DRAIN_PING:
+            events = [event for event in events if not isinstance(event, PingAckReceived)]
+            last = answered()
+            if last is not None:
+                frames = [*frames, last]
+        return frames, events
+
+    table[PingFrame] = watched
+
+
+def _receive_goaway(frame: GoAwayFrame) -> tuple[list[Frame], list[Any]]:
+    """A client's GOAWAY, in place of h2's handler (in the private
+    ``_frame_dispatch_table``; h2 has no hook): nothing to do. It limits the streams
+    the server would open (none in gRPC), not the client's own, which carry on; node's
+    http2 sends one as soon as it reads the drain's. h2 4.4 moves the connection to
+    CLOSED on it and then refuses every frame of the streams in flight (h2 #1181, the
+    state machine that makes the drain write its GOAWAYs raw), and grpclib's
+    ``process_connection_terminated`` would end them all. The client closes the
+    connection when it is done, or the drain does."""
+    return [], []
 
 
 def _decode(h2: H2Connection, block: bytes) -> None:
@@ -625,16 +821,23 @@ def _without_empty_data(process: Callable[[DataReceived], None]) -> Callable[[Da
     return process_data
 
 
+def goaway_frame(last_stream_id: int, code: ErrorCodes, reason: str) -> GoAwayFrame:
+    """A GOAWAY frame with ``last_stream_id``, error ``code`` and ``reason`` as its
+    debug data."""
+    frame = GoAwayFrame(0)
+    frame.last_stream_id = last_stream_id
+    frame.error_code = code
+    frame.additional_data = reason.encode()
+    return frame
+
+
 def goaway(
     transport: asyncio.BaseTransport, last_stream_id: int, code: ErrorCodes, reason: str
 ) -> None:
     """Write a GOAWAY frame (outside h2's state machine: h2 4.4 closes its connection
     once it sends one) with ``last_stream_id``, error ``code`` and ``reason`` as its
     debug data, to a stream ``transport``; the caller closes it, if it wants to."""
-    frame = GoAwayFrame(0)
-    frame.last_stream_id = last_stream_id
-    frame.error_code = code
-    frame.additional_data = reason.encode()
+    frame = goaway_frame(last_stream_id, code, reason)
     cast(asyncio.WriteTransport, transport).write(frame.serialize())
 
 

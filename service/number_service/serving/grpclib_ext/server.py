@@ -64,6 +64,10 @@ class Server(GrpclibServer):
         )
         #: Told the messages of every stream, in batches (see ``stream.Counter``).
         self.counter: Counter | None = None
+        self._listening: socket.socket | None = None  # start_on's socket
+        self._ssl: _ssl.SSLContext | None = None
+        self._ssl_handshake_timeout: float | None = None
+        self._adopting: set[asyncio.Task[Any]] = set()  # see stop_listening
 
     def _protocol_factory(self) -> H2Protocol:
         self.__gc_step__()
@@ -120,6 +124,8 @@ class Server(GrpclibServer):
             ssl_handshake_timeout=ssl_handshake_timeout if ssl is not None else None,
         )
         self._server_closed_fut = loop.create_future()
+        self._listening = sock
+        self._ssl, self._ssl_handshake_timeout = ssl, ssl_handshake_timeout
 
     def serve_from(
         self, listener: Callable[[Callable[[], asyncio.Protocol]], asyncio.AbstractServer]
@@ -133,6 +139,51 @@ class Server(GrpclibServer):
         self._server_closed_fut = asyncio.get_running_loop().create_future()
 
     def stop_listening(self) -> None:
-        """Refuse new connections; open ones and their streams carry on."""
-        if self._server is not None:
-            self._server.close()
+        """Refuse new connections; open ones and their streams carry on.
+
+        The connections the kernel has completed but asyncio not yet accepted (the
+        listen backlog) are accepted first and served like the others, and so get
+        the drain's GOAWAYs: closing the socket would reset them, and a client that
+        had sent its request on one (nginx does at once) would see it fail, where a
+        refused connection or stream is tried again elsewhere.
+        """
+        if self._server is None:
+            return
+        backlog: list[socket.socket] = []
+        listening = self._listening
+        if listening is not None and listening.fileno() != -1:
+            listening.setblocking(False)  # asyncio's already; an accept must not wait
+            while True:
+                try:
+                    conn, _ = listening.accept()
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:  # too many open files, say: those left are reset
+                    break
+                backlog.append(conn)
+        self._server.close()  # at once after the sweep: no await in between
+        loop = asyncio.get_running_loop()
+        for conn in backlog:
+            conn.setblocking(False)
+            task = loop.create_task(self._adopt(conn))
+            self._adopting.add(task)
+            task.add_done_callback(self._adopting.discard)
+
+    async def _adopt(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                self._protocol_factory,
+                conn,
+                ssl=self._ssl,
+                ssl_handshake_timeout=self._ssl_handshake_timeout if self._ssl else None,
+            )
+        except (TimeoutError, OSError):  # reset by then, or no TLS handshake
+            conn.close()
+
+    async def adopted(self, timeout: float) -> None:
+        """Wait up to ``timeout`` s for the connections :meth:`stop_listening` took from
+        the backlog to be made (TLS ones that take longer are refused when they are:
+        the server is draining by then)."""
+        if self._adopting:
+            await asyncio.wait(list(self._adopting), timeout=timeout)
