@@ -48,7 +48,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,7 +128,7 @@ class Attack:
     limit: str | None  # what our server's warning names; None: not cut, held by flow control
     bound: int | None  # frames our server reads on one connection, at most, before the cut
     reads: bool = True  # the attacker reads what the server sends (else never)
-    client: Callable[[int, float], Awaitable[None]] | None = None  # a real client instead
+    client: Callable[[int, float], Coroutine[Any, Any, None]] | None = None  # a real client instead
 
 
 def _repeat(one: bytes, head: bytes = b"") -> Callable[[], Iterator[bytes]]:
@@ -443,9 +443,16 @@ async def attack_once(port: int, attack: Attack, until: float, result: Attacked)
 async def attack_for(port: int, attack: Attack, seconds: float) -> Attacked:
     """Attack for ``seconds``, connecting again whenever the server closes the connection."""
     result = Attacked()
-    if attack.client is not None:
+    if attack.client is not None:  # in a process of its own: a client has a loop to share
         result.connections = result.unfinished = 1
-        await attack.client(port, seconds)
+        proc = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "benchmarks.floods", "client", attack.name),
+            *(str(port), str(seconds)),
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+        )
+        if await asyncio.wait_for(proc.wait(), seconds + 60) != 0:
+            raise BenchError(f"{attack.name}: the client exited {proc.returncode}")
         return result
     until = time.monotonic() + seconds
     while time.monotonic() < until:
@@ -708,6 +715,11 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["bystander"]:  # the Python bystander's own process
         port, seconds = int(args[1]), float(args[2])
         print(json.dumps(asyncio.run(lock_step(port, seconds))))
+        return 0
+    if args[:1] == ["client"]:  # a legitimate client's own process (attack_for)
+        client = ATTACKS[args[1]].client
+        assert client is not None, args[1]
+        asyncio.run(client(int(args[2]), float(args[3])))
         return 0
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.floods", description=__doc__.split("\n\n")[0]
