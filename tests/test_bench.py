@@ -21,7 +21,8 @@ import benchmarks.bench as bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--rounds", "1", "--seconds", "0.3", "--warmup", "0.1", "--idle-streams", "50"]
-TINY += ["--streams", "8", "--connections", "2", "--json"]
+TINY += ["--streams", "8", "--connections", "2", "--short-streams", "4", "--many-streams", "4"]
+TINY += ["--many-window", "10", "--json"]
 HAVE_GO = (
     shutil.which("go") is not None and Path("/usr/share/gocode/src/google.golang.org/grpc").is_dir()
 )
@@ -54,6 +55,8 @@ def check_compare(
         ("pingpong", "p99 us"),
         ("stream", "msg/s"),
         ("concurrent", "msg/s"),
+        ("short", "streams/s"),
+        ("pipelined-many", "msg/s"),
         ("idle", "KiB/stream"),
     }
     for row in rows.values():
@@ -66,9 +69,14 @@ def check_compare(
         else:  # every answered number's sum was checked, and some were measured
             assert run["verified"] >= run["messages"] > 0
             assert run["server_cpu_s"] > 0
+        if run["mode"] == "short":  # whole streams ended OK: each took its 5 sums
+            assert run["streams_done"] > 0
+            assert run["verified"] >= 5 * run["streams_done"]
+        if run["mode"] == "pipelined-many":
+            assert (run["streams"], run["connections"]) == (4, 1)
     assert {(r["mode"], r["server"]) for r in report["runs"]} == {
         (mode, server)
-        for mode in ("pingpong", "stream", "concurrent", "idle")
+        for mode in ("pingpong", "stream", "concurrent", "short", "pipelined-many", "idle")
         for server in servers
     }
 
@@ -95,11 +103,12 @@ class WrongSums(bench_module.PythonLoad):
         return bench_module.number(i) + 1
 
 
+@pytest.mark.parametrize("mode", ["stream", "short", "pipelined-many"])
 def test_a_wrong_sum_fails_the_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    mode: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(bench_module, "PythonLoad", WrongSums)
-    code = bench_module.main(["run", "--modes", "stream", "--client", "python", *TINY])
+    code = bench_module.main(["run", "--modes", mode, "--client", "python", *TINY])
     report = json.loads(capsys.readouterr().out)
     assert code == 1
     assert not report["ok"]
