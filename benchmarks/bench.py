@@ -624,6 +624,43 @@ def table(rows: list[dict[str, Any]], servers: list[str]) -> str:
     return "\n".join(out)
 
 
+#: The modes compared with the ceiling: (mode, metric) -> the ceiling's kind and figure.
+CEILING_OF = {
+    "stream": ("pairs", "pairs_per_s"),
+    "concurrent": ("pairs", "pairs_per_s"),
+    "pipelined-many": ("pairs", "pairs_per_s"),
+    "short": ("short", "streams_per_s"),
+}
+
+
+def reach(rows: list[dict[str, Any]], servers: list[str]) -> dict[str, Any]:
+    """The h2-alone ceiling (benchmarks/ceiling.py) and what fraction of it each server
+    reached, per mode: a server built on h2 cannot pass 100% on one core."""
+    from dataclasses import asdict
+
+    from benchmarks.ceiling import describe as describe_ceiling
+    from benchmarks.ceiling import measure
+
+    found = measure()
+    fractions: dict[str, dict[str, float]] = {}
+    lines = [describe_ceiling(found)]
+    for row in rows:
+        mode = row["mode"]
+        if mode not in CEILING_OF or row["metric"] not in ("msg/s", "streams/s"):
+            continue
+        kind, key = CEILING_OF[mode]
+        top = getattr(found[kind], key)
+        fractions[mode] = {name: row[name] / top for name in servers}
+        shares = ", ".join(f"{name} {row[name] / top:.0%}" for name in servers)
+        unit = "streams/s" if kind == "short" else "pairs/s"
+        lines.append(f"  {mode}: of the ceiling's {top:,.0f} {unit}: {shares}")
+    return {
+        "measured": {kind: asdict(value) for kind, value in found.items()},
+        "fractions": fractions,
+        "lines": lines,
+    }
+
+
 def machine() -> dict[str, Any]:
     model = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -682,6 +719,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="compare: also the server of git revision REV (repeatable), built in --cache",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--no-ceiling",
+        dest="ceiling",
+        action="store_false",
+        help="skip the in-process h2-alone ceiling (benchmarks/ceiling.py) after the rounds",
+    )
     parser.add_argument(
         "--profile",
         type=Path,
@@ -774,6 +817,10 @@ def main(argv: list[str] | None = None) -> int:
                 ok, error = False, f"{server.name} server exit code {code} on SIGTERM"
                 progress(f"bench: FAIL {error}")
     rows = bench.summary() if ok else []
+    ceiling: dict[str, Any] = {}
+    if ok and args.ceiling and any(m in CEILING_OF for m in args.modes):
+        progress("bench: the ceiling: h2 alone, in this process ...")
+        ceiling = reach(rows, servers)
     if ok and args.profile is not None:
         from benchmarks.profile_summary import summary
 
@@ -797,6 +844,7 @@ def main(argv: list[str] | None = None) -> int:
                     "ours_workers": args.workers,
                     "load": vars(load),
                     "summary": rows,
+                    "ceiling": ceiling,
                     "runs": bench.runs,
                 },
                 indent=2,
@@ -810,6 +858,8 @@ def main(argv: list[str] | None = None) -> int:
             f"client: {client}; medians of {args.rounds} round(s)"
         )
         print(table(rows, servers))
+        for line in ceiling.get("lines", []):
+            print(line)
     return 0 if ok else 1
 
 

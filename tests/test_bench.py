@@ -22,7 +22,7 @@ import benchmarks.bench as bench_module
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--rounds", "1", "--seconds", "0.3", "--warmup", "0.1", "--idle-streams", "50"]
 TINY += ["--streams", "8", "--connections", "2", "--short-streams", "4", "--many-streams", "4"]
-TINY += ["--many-window", "10", "--json"]
+TINY += ["--many-window", "10", "--no-ceiling", "--json"]
 HAVE_GO = (
     shutil.which("go") is not None and Path("/usr/share/gocode/src/google.golang.org/grpc").is_dir()
 )
@@ -228,3 +228,43 @@ def test_the_table_shows_every_ratio() -> None:
         "2.67x",
         "1.00/0.50",
     ]
+
+
+def test_the_ceiling_runs_the_servers_exchange_and_times_it() -> None:
+    from benchmarks import ceiling
+
+    found = ceiling.measure(scale=0.01)  # ceiling checks every answer and trailer arrived
+    long_, short = found["pairs"], found["short"]
+    assert (long_.streams, long_.pairs) == (100, 300)
+    assert short.per_stream == 5
+    assert short.pairs == 5 * 40
+    for measured in (long_, short):
+        assert measured.server_seconds > 0
+        assert measured.pairs_per_s == pytest.approx(1e6 / measured.us_per_pair)
+    assert short.streams_per_s == pytest.approx(short.pairs_per_s / 5)
+    assert "us per request+answer" in ceiling.describe(found)
+
+
+def test_the_bench_says_what_fraction_of_the_ceiling_each_server_reached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from benchmarks import ceiling
+
+    def fake(scale: float = 1.0) -> dict[str, ceiling.Ceiling]:
+        return {
+            "pairs": ceiling.Ceiling("pairs", 100, 10, 1.0, 20.0, 50_000.0, 0.0, 0),
+            "short": ceiling.Ceiling("short", 1, 10, 1.0, 40.0, 25_000.0, 5_000.0, 5),
+        }
+
+    monkeypatch.setattr(ceiling, "measure", fake)
+    rows = [
+        {"mode": "concurrent", "metric": "msg/s", "ours": 25_000.0, "grpc.aio": 10_000.0},
+        {"mode": "short", "metric": "streams/s", "ours": 1_000.0, "grpc.aio": 500.0},
+        {"mode": "pingpong", "metric": "p50 us", "ours": 200.0, "grpc.aio": 220.0},
+    ]
+    found = bench_module.reach(rows, ["ours", "grpc.aio"])
+    assert found["fractions"] == {
+        "concurrent": {"ours": 0.5, "grpc.aio": 0.2},
+        "short": {"ours": 0.2, "grpc.aio": 0.1},
+    }
+    assert "  concurrent: of the ceiling's 50,000 pairs/s: ours 50%, grpc.aio 20%" in found["lines"]
