@@ -268,3 +268,38 @@ def test_the_bench_says_what_fraction_of_the_ceiling_each_server_reached(
         "short": {"ours": 0.2, "grpc.aio": 0.1},
     }
     assert "  concurrent: of the ceiling's 50,000 pairs/s: ours 50%, grpc.aio 20%" in found["lines"]
+
+
+def test_the_memory_breakdown_counts_idle_streams_by_owner() -> None:
+    args = ["--streams", "60", "--connections", "2", "--top", "5", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["streams"] == 60
+    owners = found["by_owner"]
+    assert set(owners) == {"h2", "grpclib", "asyncio", "serving (ours)", "handler chain", "other"}
+    assert found["bytes_per_stream"] == pytest.approx(sum(owners.values()))
+    assert found["bytes_per_stream"] > 1000  # an open stream holds something
+    assert owners["h2"] > 0
+    assert owners["serving (ours)"] > 0
+    assert len(found["top"]) == 5
+
+
+def test_owners_of_allocations() -> None:
+    from benchmarks.memory import owner
+
+    site = "/x/.venv/lib/python3.11/site-packages"
+    assert owner(f"{site}/h2/stream.py") == "h2"
+    assert owner(f"{site}/hpack/struct.py") == "h2"
+    assert owner(f"{site}/grpclib/protocol.py") == "grpclib"
+    assert owner(f"{site}/betterproto2/grpclib/grpclib_server.py") == "handler chain"
+    assert owner("/usr/lib/python3.11/asyncio/locks.py") == "asyncio"
+    assert owner("/r/service/number_service/serving/grpclib_ext/lean.py") == "serving (ours)"
+    assert owner("/r/service/number_service/service.py") == "handler chain"
+    assert owner("/usr/lib/python3.11/contextlib.py") == "other"
