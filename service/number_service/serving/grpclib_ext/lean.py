@@ -1,0 +1,206 @@
+"""Lean HTTP/2 streams: grpclib's per-stream objects without what an idle stream never uses.
+
+grpclib's ``protocol.Stream`` makes three ``asyncio.Event``s up front (window
+updated, headers received, trailers received: the last two only a client ever
+waits on) and its ``Buffer`` an ``asyncio.Queue`` (three deques and an Event) plus
+a deque; each deque allocates its first block at once, ~760 B: ~6 KB of an idle
+stream's ~16.5 KB (``python -m benchmarks.memory``). Here:
+
+- :class:`LeanBuffer` is grpclib's ``Buffer`` (same methods, same behaviour) holding
+  the received chunks in a list and one future made only while someone waits;
+- :class:`LeanStream` is grpclib's ``Stream`` whose Events are made on first use;
+- :func:`install` has a connection's grpclib ``EventsProcessor`` make its streams
+  as :class:`LeanStream`.
+
+Each is a change that could go into grpclib as it is (the same classes, made
+lazily). Private grpclib attributes used, standing in for a missing hook (grpclib
+has none for the stream class its server makes; no upstream issue yet): the
+``EventsProcessor.processors`` table (its RequestReceived entry replaced, as
+grpclib's own ``process_request_received`` does it but for the class), grpclib
+``Connection._connection`` / ``_transport`` (what grpclib's ``create_stream`` passes
+to a new stream), and ``Stream``'s own attributes, which the subclass sets as
+grpclib's ``__init__`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Any
+
+from grpclib.protocol import (
+    AckedData,
+    Buffer,
+    Connection,
+    EventsProcessor,
+    Stream,
+    UnackedData,
+)
+from grpclib.utils import Wrapper
+from h2.connection import H2Connection
+from h2.events import RequestReceived
+
+__all__ = ["LeanBuffer", "LeanStream", "install"]
+
+
+class LeanBuffer(Buffer):
+    """grpclib's ``Buffer``: the received DATA of one stream, with its flow-control
+    credit, read in order; no Queue: a list, and a future only while a reader waits."""
+
+    def __init__(self, ack_callback: Any) -> None:
+        # Not Buffer.__init__: it makes the Queue and the deque this class does without.
+        self._ack_callback = ack_callback
+        self._eof = False
+        self._chunks: list[UnackedData] = []  # received, not yet read
+        self._waiter: asyncio.Future[None] | None = None  # made by a reader that waits
+        self._read: list[AckedData] = []  # read() only: taken, acked, not yet returned
+        self._acked_size = 0
+
+    def add(self, data: bytes, ack_size: int) -> None:
+        self._chunks.append(UnackedData(data, len(data), ack_size))
+        self._wake()
+
+    def eof(self) -> None:
+        self._chunks.append(UnackedData(b"", 0, 0))
+        self._eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
+    def ended(self) -> bool:
+        """The stream's end has arrived (chunks before it may still wait here)."""
+        return self._eof
+
+    def ack(self, size: int) -> None:
+        """Give ``size`` bytes of flow-control credit back to the client."""
+        self._ack_callback(size)
+
+    def take(self) -> list[UnackedData]:
+        """Every chunk received and not yet taken, at once (no wait, no credit given)."""
+        chunks = self._chunks
+        if chunks:
+            self._chunks = []
+        return chunks
+
+    async def wait(self) -> None:
+        """Return once a chunk (or the end) has arrived that is not yet taken."""
+        if self._chunks:
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    async def read(self, size: int) -> bytes:
+        """grpclib's ``Buffer.read``: ``size`` bytes, crediting each chunk as it is taken;
+        b'' at the end of the stream."""
+        assert size >= 0, "Size can not be negative"
+        if size == 0:
+            return b""
+        if not self._eof or self._chunks:
+            while self._acked_size < size:
+                await self.wait()
+                data, data_size, ack_size = self._chunks.pop(0)
+                if not ack_size:
+                    break
+                self._read.append(AckedData(memoryview(data), data_size))
+                self._acked_size += data_size
+                self._ack_callback(ack_size)
+        if self._eof and self._acked_size == 0:
+            return b""
+        if self._acked_size < size:
+            raise AssertionError("Received less data than expected")
+        chunks = []
+        chunks_size = 0
+        while chunks_size < size:
+            next_chunk, next_chunk_size = self._read[0]
+            if chunks_size + next_chunk_size <= size:
+                chunks.append(next_chunk)
+                chunks_size += next_chunk_size
+                self._read.pop(0)
+            else:
+                offset = size - chunks_size
+                chunks.append(next_chunk[:offset])
+                chunks_size += offset
+                self._read[0] = AckedData(next_chunk[offset:], next_chunk_size - offset)
+        self._acked_size -= size
+        return b"".join(chunks)
+
+    def unacked_size(self) -> int:
+        """The credit of every chunk not yet read; those chunks are dropped (as grpclib's)."""
+        chunks = self.take()
+        return sum(chunk.ack_size for chunk in chunks)
+
+
+class LeanStream(Stream):
+    """grpclib's ``protocol.Stream``, its Events made on first use, its buffer lean."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        h2_connection: H2Connection,
+        transport: asyncio.Transport,
+        *,
+        stream_id: int | None = None,
+        wrapper: Wrapper | None = None,
+    ) -> None:
+        # Not Stream.__init__: it makes the three Events up front.
+        self.connection = connection
+        self._h2_connection = h2_connection
+        self._transport = transport
+        self.wrapper = wrapper
+        self.headers = None
+        self.trailers = None
+        self._events: dict[str, asyncio.Event] | None = None
+        if stream_id is not None:
+            self.init_stream(stream_id, connection)
+
+    def init_stream(self, stream_id: int, connection: Connection) -> None:
+        super().init_stream(stream_id, connection)
+        self.buffer = LeanBuffer(partial(connection.ack, stream_id))
+
+    def _event(self, name: str) -> asyncio.Event:
+        events = self._events
+        if events is None:
+            events = self._events = {}
+        event = events.get(name)
+        if event is None:
+            event = events[name] = asyncio.Event()
+        return event
+
+    # grpclib's Stream attributes, as properties: the Event is made when first used.
+    @property
+    def window_updated(self) -> asyncio.Event:  # type: ignore[override]
+        return self._event("window_updated")
+
+    @property
+    def headers_received(self) -> asyncio.Event:  # type: ignore[override]
+        return self._event("headers_received")
+
+    @property
+    def trailers_received(self) -> asyncio.Event:  # type: ignore[override]
+        return self._event("trailers_received")
+
+
+def install(processor: EventsProcessor) -> None:
+    """Have grpclib's ``processor`` make each new stream a :class:`LeanStream`."""
+    connection = processor.connection
+
+    def process_request_received(event: RequestReceived) -> None:
+        # grpclib's EventsProcessor.process_request_received, with our stream class.
+        assert event.stream_id is not None
+        stream = LeanStream(
+            connection,
+            connection._connection,
+            connection._transport,
+            stream_id=event.stream_id,
+        )
+        release_stream = processor.register(stream)
+        processor.handler.accept(stream, event.headers, release_stream)  # type: ignore[arg-type]
+
+    processor.processors[RequestReceived] = process_request_received
