@@ -82,3 +82,50 @@ async def test_the_lean_buffer_reads_as_grpclibs(seed: int) -> None:
 
     expected = await feed_and_read(Buffer(lambda n: None), chunks, sizes)
     assert await feed_and_read(LeanBuffer(lambda n: None), chunks, sizes) == expected
+
+
+def handler_tasks(server: RunningServer) -> list[asyncio.Task[None]]:
+    """The stream tasks the server's connection handlers hold."""
+    return [t for h in server.server._handlers for t in h._tasks.values()]
+
+
+async def test_an_idle_streams_handler_keeps_no_request_headers(
+    number_server: RunningServer,
+) -> None:
+    client = NumberClient(number_server.host, number_server.port, timeout=TIMEOUT)
+    async with client, client.session() as session:
+        assert await session.add(3) == 3
+        (task,) = handler_tasks(number_server)
+        frame = task.get_coro().cr_frame  # type: ignore[union-attr]
+        kept = [v for v in frame.f_locals.values() if isinstance(v, (list, dict))]
+        assert not [v for v in kept if any(isinstance(x, tuple) for x in v)], kept
+        assert await session.add(4) == 7  # the deadline (timeout=) still armed, unexpired
+
+
+async def test_stream_tasks_are_forgotten_as_they_end(number_server: RunningServer) -> None:
+    client = NumberClient(number_server.host, number_server.port, timeout=TIMEOUT)
+    started = asyncio.Event()
+
+    async def cut_short() -> None:
+        async with client.session() as session:
+            assert await session.add(1) == 1
+            started.set()
+            await asyncio.sleep(TIMEOUT)
+
+    async with client:
+        for k in range(5):
+            async with client.session() as session:
+                assert await session.add(k) == k
+        cut = asyncio.create_task(cut_short())
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        assert len(handler_tasks(number_server)) == 1
+        cut.cancel()  # the client resets the stream; the server cancels its task
+        with contextlib.suppress(asyncio.CancelledError):
+            await cut
+        for _ in range(200):
+            if not handler_tasks(number_server):
+                break
+            await asyncio.sleep(0.01)
+        assert handler_tasks(number_server) == []
+        await asyncio.sleep(0.05)
+        assert not any(h._cancelled for h in number_server.server._handlers)
