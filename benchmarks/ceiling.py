@@ -69,8 +69,9 @@ class Ceiling:
     per_stream: int  # short: pairs per stream
 
 
-def server_h2() -> H2Connection:
-    """An h2 server connection as grpclib's Server and H2Protocol set one up."""
+def server_h2(lean: bool = False) -> H2Connection:
+    """An h2 server connection as grpclib's Server and H2Protocol set one up; ``lean``:
+    with the serving layer's h2 fixes (grpclib_ext.lean.LeanH2Connection)."""
     config = Configuration()
     h2 = H2Connection(
         H2Configuration(
@@ -82,6 +83,10 @@ def server_h2() -> H2Connection:
             normalize_outbound_headers=False,
         )
     )
+    if lean:
+        from number_service.serving.grpclib_ext.lean import LeanH2Connection
+
+        h2.__class__ = LeanH2Connection
     h2.initiate_connection()
     initial = h2.local_settings.initial_window_size
     if config.http2_connection_window_size - initial:
@@ -94,10 +99,10 @@ def server_h2() -> H2Connection:
 class Pair:
     """A client and a server h2 connection, back to back; the server's time counted."""
 
-    def __init__(self) -> None:
+    def __init__(self, lean: bool = False) -> None:
         self.client = H2Connection(H2Configuration(client_side=True, header_encoding="ascii"))
         self.client.initiate_connection()
-        self.server = server_h2()
+        self.server = server_h2(lean)
         self.spent = 0.0
         self.answers = 0  # answer DATA frames the client received, checked
         self.ended = 0  # streams the client saw end (the trailers)
@@ -172,9 +177,9 @@ class Pair:
         self._send(stream_id, end=True)
 
 
-def long_streams(streams: int = 100, pairs: int = 30_000) -> Ceiling:
+def long_streams(streams: int = 100, pairs: int = 30_000, lean: bool = False) -> Ceiling:
     """``streams`` open streams on one connection taking turns, ``pairs`` in all."""
-    pair = Pair()
+    pair = Pair(lean)
     ids = [pair.open() for _ in range(streams)]
     for stream_id in ids:
         pair.pair(stream_id, first=True)
@@ -187,9 +192,9 @@ def long_streams(streams: int = 100, pairs: int = 30_000) -> Ceiling:
     return _result("pairs", streams, pairs, pair.spent, 0, 0)
 
 
-def short_streams(count: int = 4000, numbers: int = 5) -> Ceiling:
+def short_streams(count: int = 4000, numbers: int = 5, lean: bool = False) -> Ceiling:
     """``count`` streams one after another: open, ``numbers`` pairs, close."""
-    pair = Pair()
+    pair = Pair(lean)
     for _ in range(100):  # warm the HPACK tables and the code
         _short(pair, numbers)
     pair.spent = 0.0
@@ -223,18 +228,19 @@ def _result(
     )
 
 
-def measure(scale: float = 1.0) -> dict[str, Ceiling]:
-    """Both measurements; ``scale`` shortens them (tests)."""
+def measure(scale: float = 1.0, lean: bool = False) -> dict[str, Ceiling]:
+    """Both measurements; ``scale`` shortens them (tests); ``lean``: with our h2 fixes."""
     return {
-        "pairs": long_streams(pairs=max(200, int(30_000 * scale))),
-        "short": short_streams(count=max(20, int(4000 * scale))),
+        "pairs": long_streams(pairs=max(200, int(30_000 * scale)), lean=lean),
+        "short": short_streams(count=max(20, int(4000 * scale)), lean=lean),
     }
 
 
-def describe(found: dict[str, Ceiling]) -> str:
+def describe(found: dict[str, Ceiling], lean: bool = False) -> str:
     long_, short = found["pairs"], found["short"]
+    fixes = ", with grpclib_ext.lean's h2 fixes" if lean else ""
     return (
-        f"h2 alone (benchmarks/ceiling.py, server side, one core): "
+        f"h2 alone (benchmarks/ceiling.py, server side, one core{fixes}): "
         f"{long_.us_per_pair:.1f} us per request+answer on {long_.streams} open streams "
         f"= {long_.pairs_per_s:,.0f} pairs/s; short streams of {short.per_stream} numbers: "
         f"{short.us_per_pair:.1f} us per pair = {short.streams_per_s:,.0f} streams/s"
@@ -245,12 +251,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ceiling", description=__doc__)
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the default work")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--lean", action="store_true", help="h2 with the serving layer's fixes (grpclib_ext.lean)"
+    )
     args = parser.parse_args(argv)
-    found = measure(args.scale)
+    found = measure(args.scale, args.lean)
     if args.json:
         print(json.dumps({k: asdict(v) for k, v in found.items()}, indent=2))
     else:
-        print(describe(found))
+        print(describe(found, args.lean))
     return 0
 
 

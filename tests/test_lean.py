@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import sys
 from typing import Any
 
 import pytest
@@ -129,3 +130,29 @@ async def test_stream_tasks_are_forgotten_as_they_end(number_server: RunningServ
         assert handler_tasks(number_server) == []
         await asyncio.sleep(0.05)
         assert not any(h._cancelled for h in number_server.server._handlers)
+
+
+async def test_the_server_formats_no_frame_it_receives(
+    number_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """h2 builds repr(frame) of every frame received for a trace log that is off;
+    the server's connections don't (the client's, plain h2, still do: the count works)."""
+    from h2.connection import H2Connection
+    from hyperframe.frame import Frame
+
+    formatted = {"server": 0, "client": 0}
+    frame_repr = Frame.__repr__
+
+    def counting_repr(self: Frame) -> str:
+        caller = sys._getframe(1).f_locals.get("self")
+        if isinstance(caller, H2Connection):
+            formatted["client" if caller.config.client_side else "server"] += 1
+        return frame_repr(self)
+
+    monkeypatch.setattr(Frame, "__repr__", counting_repr)
+    client = NumberClient(number_server.host, number_server.port, timeout=TIMEOUT)
+    async with client, client.session() as session:
+        for k in range(1, 11):
+            assert await session.add(1) == k
+    assert formatted["client"] >= 10
+    assert formatted["server"] == 0
