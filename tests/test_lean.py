@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import sys
 from typing import Any
 
 import pytest
 from grpclib.protocol import Buffer
+from rawh2 import H2Client, grpc_message
 
 from number_service import NumberClient
+from number_service.codec import decode_int32_field, encode_int32_field
 from number_service.pytest_plugin import RunningServer
 
 TIMEOUT = 10.0
@@ -156,3 +159,52 @@ async def test_the_server_formats_no_frame_it_receives(
             assert await session.add(1) == k
     assert formatted["client"] >= 10
     assert formatted["server"] == 0
+
+
+async def test_a_connection_window_update_wakes_only_streams_waiting_for_window(
+    number_server: RunningServer,
+) -> None:
+    async with await H2Client.connect(number_server.port) as h2:
+        ids = []
+        for k in range(1, 21):
+            stream_id = h2.open_stream()
+            h2.send_data(stream_id, grpc_message(encode_int32_field(k)))
+            ids.append(stream_id)
+        while not all(h2.replies[i].messages for i in ids):
+            await h2.receive(TIMEOUT)
+        h2.conn.increment_flow_control_window(1000)  # a WINDOW_UPDATE for the connection
+        h2.ping(7)
+        while not h2.pings_acked:
+            await h2.receive(TIMEOUT)
+        streams = server_streams(number_server)
+        assert len(streams) == 20
+        # grpclib set a window_updated Event on every stream; none is made here
+        assert [s for s in streams if s._events is not None] == []
+
+
+async def test_streams_stalled_on_the_connection_window_go_on_when_it_opens(
+    number_server: RunningServer,
+) -> None:
+    """The answers of two streams pass the client's 65,535-byte connection window:
+    the server's sends wait for it, and the client's WINDOW_UPDATEs wake them."""
+    numbers = [(i * 7919) % 2001 - 1000 for i in range(5000)]
+    async with await H2Client.connect(number_server.port) as h2:
+        while h2.conn.outbound_flow_control_window <= 65535:  # the server's 4 MiB windows
+            await h2.receive(TIMEOUT)
+        ids = []
+        for _ in range(2):
+            stream_id = h2.open_stream()
+            data = b"".join(grpc_message(encode_int32_field(n)) for n in numbers)
+            for at in range(0, len(data), 16384):  # h2's largest frame
+                end = at + 16384 >= len(data)
+                h2.send_data(stream_id, data[at : at + 16384], end_stream=end)
+            ids.append(stream_id)
+        await h2.flush()
+        await asyncio.sleep(0.5)  # the server answers until the connection window is used up
+        while not all(h2.replies[i].ended for i in ids):
+            await h2.receive(TIMEOUT)
+        for stream_id in ids:
+            reply = h2.replies[stream_id]
+            assert reply.grpc_status == 0, reply
+            sums = [decode_int32_field(m) for m in reply.messages]
+            assert sums == list(itertools.accumulate(numbers))

@@ -8,9 +8,13 @@ stream's ~16.5 KB (``python -m benchmarks.memory``). Here:
 
 - :class:`LeanBuffer` is grpclib's ``Buffer`` (same methods, same behaviour) holding
   the received chunks in a list and one future made only while someone waits;
-- :class:`LeanStream` is grpclib's ``Stream`` whose Events are made on first use;
+- :class:`LeanStream` is grpclib's ``Stream`` whose Events are made on first use,
+  and which waits for flow-control window on a future of its own: a WINDOW_UPDATE
+  for the connection wakes the streams waiting for window, not every stream of the
+  connection (grpclib sets every stream's Event);
 - :func:`install` has a connection's grpclib ``EventsProcessor`` make its streams
-  as :class:`LeanStream`, and makes its h2 connection a :class:`LeanH2Connection`:
+  as :class:`LeanStream` (and wake them as above), and makes its h2 connection a
+  :class:`LeanH2Connection`:
   h2's, without the ``repr(frame)`` it builds for every frame received, for a trace
   log that is off (~4% of a busy stream's server time; a DataFrame's repr
   hex-encodes its payload).
@@ -18,8 +22,9 @@ stream's ~16.5 KB (``python -m benchmarks.memory``). Here:
 Each is a change that could go into grpclib as it is (the same classes, made
 lazily). Private grpclib attributes used, standing in for a missing hook (grpclib
 has none for the stream class its server makes; no upstream issue yet): the
-``EventsProcessor.processors`` table (its RequestReceived entry replaced, as
-grpclib's own ``process_request_received`` does it but for the class), grpclib
+``EventsProcessor.processors`` table (its RequestReceived, WindowUpdated and
+RemoteSettingsChanged entries replaced: grpclib's own, but for the stream class and
+whom they wake), grpclib
 ``Connection._connection`` / ``_transport`` (what grpclib's ``create_stream`` passes
 to a new stream), and ``Stream``'s own attributes, which the subclass sets as
 grpclib's ``__init__`` does. From h2: the h2 connection's class is changed in place
@@ -46,8 +51,9 @@ from grpclib.utils import Wrapper
 from h2.config import DummyLogger
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
-from h2.events import Event, RequestReceived
+from h2.events import Event, RemoteSettingsChanged, RequestReceived, WindowUpdated
 from h2.exceptions import StreamClosedError, StreamIDTooLowError
+from h2.settings import SettingCodes
 from hyperframe.frame import Frame, RstStreamFrame
 
 __all__ = ["LeanBuffer", "LeanH2Connection", "LeanStream", "install"]
@@ -158,8 +164,11 @@ class LeanStream(Stream):
         *,
         stream_id: int | None = None,
         wrapper: Wrapper | None = None,
+        waiting: set[LeanStream],
     ) -> None:
         # Not Stream.__init__: it makes the three Events up front.
+        self._waiting = waiting  # its connection's streams waiting for window
+        self._window_waiter: asyncio.Future[None] | None = None
         self.connection = connection
         self._h2_connection = h2_connection
         self._transport = transport
@@ -195,6 +204,51 @@ class LeanStream(Stream):
     @property
     def trailers_received(self) -> asyncio.Event:  # type: ignore[override]
         return self._event("trailers_received")
+
+    def window_opened(self) -> None:
+        """A WINDOW_UPDATE (or SETTINGS) may have given this stream window: wake its send."""
+        waiter = self._window_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self._events is not None and "window_updated" in self._events:
+            self._events["window_updated"].set()
+
+    async def send_data(self, data: bytes, end_stream: bool = False) -> None:
+        """grpclib's ``Stream.send_data``: in chunks of at most the window and the frame
+        size, waiting for window when there is none; the whole at once (no BytesIO,
+        no copy) when it fits, and a wait that only window for this stream ends."""
+        assert self.id is not None
+        h2 = self._h2_connection
+        connection = self.connection
+        pos, end = 0, len(data)
+        while True:
+            write_ready = connection.write_ready
+            if not write_ready.is_set():
+                await write_ready.wait()
+            window = h2.local_flow_control_window(self.id)
+            if not window > 0:  # it can become negative
+                await self._wait_for_window()
+                continue  # others may have used the window meanwhile: from the start
+            size = min(window, h2.max_outbound_frame_size, end - pos)
+            chunk = data if size == end else data[pos : pos + size]
+            pos += size
+            last = pos == end
+            h2.send_data(self.id, chunk, end_stream=end_stream and last)
+            self._transport.write(h2.data_to_send())
+            self.data_sent += size
+            connection.data_sent += size
+            connection.data_send_process()
+            if last:
+                return
+
+    async def _wait_for_window(self) -> None:
+        waiter = self._window_waiter = asyncio.get_running_loop().create_future()
+        self._waiting.add(self)
+        try:
+            await waiter
+        finally:
+            self._window_waiter = None
+            self._waiting.discard(self)
 
 
 class LeanH2Connection(H2Connection):
@@ -236,6 +290,7 @@ def install(processor: EventsProcessor) -> None:
     """Have grpclib's ``processor`` make each new stream a :class:`LeanStream`, and its
     h2 connection a :class:`LeanH2Connection`."""
     connection = processor.connection
+    waiting: set[LeanStream] = set()  # streams of this connection waiting for window
     h2 = connection._connection
     if type(h2) is H2Connection:  # the same object, h2's state kept: only the class
         h2.__class__ = LeanH2Connection
@@ -248,8 +303,31 @@ def install(processor: EventsProcessor) -> None:
             connection._connection,
             connection._transport,
             stream_id=event.stream_id,
+            waiting=waiting,
         )
         release_stream = processor.register(stream)
         processor.handler.accept(stream, event.headers, release_stream)  # type: ignore[arg-type]
 
-    processor.processors[RequestReceived] = process_request_received
+    def wake_waiting() -> None:
+        for stream in list(waiting):
+            stream.window_opened()
+
+    def process_window_updated(event: WindowUpdated) -> None:
+        # grpclib's sets every stream's window_updated Event for the connection's.
+        if event.stream_id == 0:
+            wake_waiting()
+            return
+        stream = processor.streams.get(event.stream_id)
+        if isinstance(stream, LeanStream):
+            stream.window_opened()
+        elif stream is not None:
+            stream.window_updated.set()
+
+    def process_remote_settings_changed(event: RemoteSettingsChanged) -> None:
+        if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            wake_waiting()
+
+    processors = processor.processors
+    processors[RequestReceived] = process_request_received
+    processors[WindowUpdated] = process_window_updated
+    processors[RemoteSettingsChanged] = process_remote_settings_changed
