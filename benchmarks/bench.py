@@ -11,6 +11,10 @@ Modes (``--modes``, all by default):
 - pingpong: one stream, lock-step: msg/s and p50/p90/p99 round-trip latency;
 - stream: one pipelined stream (at most ``--window`` numbers unanswered): msg/s;
 - concurrent: ``--streams`` lock-step streams over ``--connections`` connections: msg/s;
+- short: short streams, ``--short-streams`` (50) at a time over ``--connections``: each
+  opened, ``--short-numbers`` (5) lock-step numbers, half-closed, OK: streams/s;
+- pipelined-many: ``--many-streams`` (100) pipelined streams on one connection, each
+  with at most ``--many-window`` (100) numbers unanswered: msg/s;
 - idle: ``--idle-streams`` streams opened and left open: server RSS per open stream.
 
 Servers run as subprocesses: ``python -m number_service serve`` (the real CLI) and
@@ -61,8 +65,8 @@ LOADGEN_SRC = ROOT / "benchmarks" / "loadgen" / "main.go"
 GOPATH = Path("/usr/share/gocode")  # Debian's golang-google-grpc-dev lives here
 READY = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 READY_TIMEOUT = 60.0
-MODES = ("pingpong", "stream", "concurrent", "idle")
-THROUGHPUT = ("pingpong", "stream", "concurrent")
+MODES = ("pingpong", "stream", "concurrent", "short", "pipelined-many", "idle")
+THROUGHPUT = ("pingpong", "stream", "concurrent", "short", "pipelined-many")
 SERVERS = {
     "ours": [sys.executable, "-m", "number_service", "serve", "--log-level", "warning"],
     "grpc.aio": [sys.executable, "-m", "benchmarks.grpcio_server"],
@@ -192,8 +196,22 @@ class Load:
     warmup: float
     window: int  # stream mode: numbers in flight
     streams: int  # concurrent mode
-    connections: int
+    connections: int  # concurrent and short modes
     idle_streams: int
+    short_streams: int = 50  # short mode: streams at a time
+    short_numbers: int = 5  # short mode: lock-step numbers per stream
+    many_streams: int = 100  # pipelined-many: streams on one connection
+    many_window: int = 100  # pipelined-many: numbers in flight per stream
+
+    def shape(self, mode: str) -> tuple[int, int, int]:
+        """(streams, connections, numbers in flight per stream) of a throughput mode."""
+        if mode == "concurrent":
+            return self.streams, self.connections, 1
+        if mode == "short":
+            return self.short_streams, self.connections, 1
+        if mode == "pipelined-many":
+            return self.many_streams, 1, self.many_window
+        return 1, 1, self.window if mode == "stream" else 1
 
 
 def build_loadgen(cache: Path) -> tuple[Path | None, str]:
@@ -228,13 +246,14 @@ def build_loadgen(cache: Path) -> tuple[Path | None, str]:
 
 
 def go_run(binary: Path, server: ServerProcess, mode: str, load: Load) -> dict[str, Any]:
+    streams, conns, inflight = load.shape(mode)
     args = [
         str(binary),
         *("-addr", f"{HOST}:{server.port}", "-mode", mode),
         *("-seconds", str(load.seconds), "-warmup", str(load.warmup)),
         *("-server-pid", ",".join(map(str, server.pids()))),
-        *("-streams", str(load.streams), "-conns", str(load.connections)),
-        *("-inflight", str(load.window if mode == "stream" else 1)),
+        *("-streams", str(streams), "-conns", str(conns)),
+        *("-inflight", str(inflight), "-per-stream", str(load.short_numbers)),
     ]
     done = subprocess.run(
         args, capture_output=True, text=True, timeout=load.seconds + load.warmup + 120
@@ -260,6 +279,7 @@ class PythonLoad:
         self.server = server
         self.load = load
         self.answered = 0
+        self.finished = 0  # short mode: streams ended OK after all their sums
         self.measuring = False
         self.latencies: list[float] = []
         self.stopping = False
@@ -283,8 +303,23 @@ class PythonLoad:
                     raise BenchError(f"wrong sum after {i + 1} numbers: {got}, want {total}")
                 self.answered += 1
 
-    async def pipelined(self, client: NumberClient) -> None:
-        window = asyncio.Semaphore(self.load.window)  # numbers sent but not yet answered
+    async def short(self, client: NumberClient) -> None:
+        """Short streams one after another: open, lock-step numbers, half-close, OK."""
+        for k in itertools.count():
+            if self.stopping:
+                return
+            total = 0
+            async with client.session() as session:
+                for i in range(self.load.short_numbers):
+                    total += self.expected(k + i)
+                    got = await session.add(number(k + i))
+                    if got != total:
+                        raise BenchError(f"wrong sum after {i + 1} numbers: {got}, want {total}")
+                    self.answered += 1
+            self.finished += 1  # leaving the session waited for its OK
+
+    async def pipelined(self, client: NumberClient, inflight: int) -> None:
+        window = asyncio.Semaphore(inflight)  # numbers sent but not yet answered
 
         async def numbers() -> Any:
             for i in itertools.count():
@@ -305,24 +340,29 @@ class PythonLoad:
 
     async def run(self, mode: str) -> dict[str, Any]:
         load = self.load
-        conns = load.connections if mode == "concurrent" else 1
+        streams, conns, inflight = load.shape(mode)
         clients = [NumberClient(HOST, self.server.port, timeout=600) for _ in range(conns)]
         if mode == "pingpong":
             tasks = [asyncio.create_task(self.lock_step(clients[0], True))]
-        elif mode == "stream":
-            tasks = [asyncio.create_task(self.pipelined(clients[0]))]
+        elif mode in ("stream", "pipelined-many"):
+            tasks = [
+                asyncio.create_task(self.pipelined(clients[k % conns], inflight))
+                for k in range(streams)
+            ]
+        elif mode == "short":
+            tasks = [asyncio.create_task(self.short(clients[k % conns])) for k in range(streams)]
         else:
             tasks = [
                 asyncio.create_task(self.lock_step(clients[k % conns], False))
-                for k in range(load.streams)
+                for k in range(streams)
             ]
         try:
             await self._watch(tasks, load.warmup)
             self.measuring = True
-            start, n0 = time.monotonic(), self.answered
+            start, n0, f0 = time.monotonic(), self.answered, self.finished
             c0, s0 = time.process_time(), self.server.cpu()
             await self._watch(tasks, load.seconds)
-            elapsed, n1 = time.monotonic() - start, self.answered
+            elapsed, n1, f1 = time.monotonic() - start, self.answered, self.finished
             c1, s1 = time.process_time(), self.server.cpu()
             self.measuring = False
             self.stopping = True
@@ -346,6 +386,8 @@ class PythonLoad:
             "verified": self.answered,
             "seconds": elapsed,
             "msg_per_s": (n1 - n0) / elapsed,
+            "streams_done": f1 - f0,
+            "streams_per_s": (f1 - f0) / elapsed,
             "p50_us": pct(0.5),
             "p90_us": pct(0.9),
             "p99_us": pct(0.99),
@@ -458,6 +500,8 @@ class Bench:
         if mode != "idle":
             if result["messages"] <= 0 or result["verified"] < result["messages"]:
                 raise BenchError(f"{mode} on {server.name}: no verified messages: {result}")
+            if mode == "short" and result.get("streams_done", 0) <= 0:
+                raise BenchError(f"short on {server.name}: no stream finished: {result}")
             result["server_cores"] = result["server_cpu_s"] / result["seconds"]
             result["client_cores"] = result["client_cpu_s"] / result["seconds"]
         return result
@@ -491,6 +535,8 @@ class Bench:
             ],
             "stream": [("msg/s", "msg_per_s")],
             "concurrent": [("msg/s", "msg_per_s")],
+            "short": [("streams/s", "streams_per_s")],
+            "pipelined-many": [("msg/s", "msg_per_s")],
             "idle": [("KiB/stream", "kib_per_stream")],
         }
         for mode in self.modes:
@@ -503,7 +549,7 @@ class Bench:
                         if r["mode"] == mode and r["server"] == name
                     ]
                     row[name] = statistics.median(values)
-                    if key == "msg_per_s":
+                    if key in ("msg_per_s", "streams_per_s"):
                         cores = [
                             (r["server_cores"], r["client_cores"])
                             for r in self.runs
@@ -573,6 +619,8 @@ def describe(r: dict[str, Any]) -> str:
             f"{r['bytes_per_stream'] / 1024:.2f} KiB/stream"
         )
     lat = f", p50 {r['p50_us']:.0f} us" if r["mode"] == "pingpong" else ""
+    if r["mode"] == "short":
+        lat = f", {r['streams_per_s']:.0f} streams/s"
     return (
         f"{r['mode']:10} {r['server']:8}: {r['msg_per_s']:9.0f} msg/s{lat} "
         f"(server {r['server_cores']:.2f} cores, client {r['client_cores']:.2f} cores, "
@@ -602,6 +650,43 @@ def table(rows: list[dict[str, Any]], servers: list[str]) -> str:
     ]
     out.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
+
+
+#: The modes compared with the ceiling: (mode, metric) -> the ceiling's kind and figure.
+CEILING_OF = {
+    "stream": ("pairs", "pairs_per_s"),
+    "concurrent": ("pairs", "pairs_per_s"),
+    "pipelined-many": ("pairs", "pairs_per_s"),
+    "short": ("short", "streams_per_s"),
+}
+
+
+def reach(rows: list[dict[str, Any]], servers: list[str]) -> dict[str, Any]:
+    """The h2-alone ceiling (benchmarks/ceiling.py) and what fraction of it each server
+    reached, per mode: a server built on h2 cannot pass 100% on one core."""
+    from dataclasses import asdict
+
+    from benchmarks.ceiling import describe as describe_ceiling
+    from benchmarks.ceiling import measure
+
+    found = measure()
+    fractions: dict[str, dict[str, float]] = {}
+    lines = [describe_ceiling(found)]
+    for row in rows:
+        mode = row["mode"]
+        if mode not in CEILING_OF or row["metric"] not in ("msg/s", "streams/s"):
+            continue
+        kind, key = CEILING_OF[mode]
+        top = getattr(found[kind], key)
+        fractions[mode] = {name: row[name] / top for name in servers}
+        shares = ", ".join(f"{name} {row[name] / top:.0%}" for name in servers)
+        unit = "streams/s" if kind == "short" else "pairs/s"
+        lines.append(f"  {mode}: of the ceiling's {top:,.0f} {unit}: {shares}")
+    return {
+        "measured": {kind: asdict(value) for kind, value in found.items()},
+        "fractions": fractions,
+        "lines": lines,
+    }
 
 
 def machine() -> dict[str, Any]:
@@ -635,8 +720,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before each")
     parser.add_argument("--window", type=int, default=1000, help="stream: numbers in flight")
     parser.add_argument("--streams", type=int, default=100, help="concurrent: streams")
-    parser.add_argument("--connections", type=int, default=4, help="concurrent: connections")
+    parser.add_argument("--connections", type=int, default=4, help="concurrent, short: connections")
     parser.add_argument("--idle-streams", type=int, default=10_000, help="idle: streams")
+    parser.add_argument("--short-streams", type=int, default=50, help="short: streams at a time")
+    parser.add_argument("--short-numbers", type=int, default=5, help="short: numbers per stream")
+    parser.add_argument("--many-streams", type=int, default=100, help="pipelined-many: streams")
+    parser.add_argument(
+        "--many-window", type=int, default=100, help="pipelined-many: in flight per stream"
+    )
     parser.add_argument("--client", choices=["auto", "go", "python"], default="auto")
     parser.add_argument(
         "--workers",
@@ -660,6 +751,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="compare: also the server of git revision REV (repeatable), built in --cache",
     )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--no-ceiling",
+        dest="ceiling",
+        action="store_false",
+        help="skip the in-process h2-alone ceiling (benchmarks/ceiling.py) after the rounds",
+    )
     parser.add_argument(
         "--profile",
         type=Path,
@@ -709,7 +806,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         client = f"{why}: benchmarks/loadgen" if loadgen else f"python ({why})"
     load = Load(
-        args.seconds, args.warmup, args.window, args.streams, args.connections, args.idle_streams
+        args.seconds,
+        args.warmup,
+        args.window,
+        args.streams,
+        args.connections,
+        args.idle_streams,
+        args.short_streams,
+        args.short_numbers,
+        args.many_streams,
+        args.many_window,
     )
     bench = Bench(servers, args.modes, args.rounds, load, loadgen, client)
     progress(
@@ -750,6 +856,10 @@ def main(argv: list[str] | None = None) -> int:
                 ok, error = False, f"{server.name} server exit code {code} on SIGTERM"
                 progress(f"bench: FAIL {error}")
     rows = bench.summary() if ok else []
+    ceiling: dict[str, Any] = {}
+    if ok and args.ceiling and any(m in CEILING_OF for m in args.modes):
+        progress("bench: the ceiling: h2 alone, in this process ...")
+        ceiling = reach(rows, servers)
     if ok and args.profile is not None:
         from benchmarks.profile_summary import summary
 
@@ -773,6 +883,7 @@ def main(argv: list[str] | None = None) -> int:
                     "ours_workers": ours,
                     "load": vars(load),
                     "summary": rows,
+                    "ceiling": ceiling,
                     "runs": bench.runs,
                 },
                 indent=2,
@@ -786,6 +897,8 @@ def main(argv: list[str] | None = None) -> int:
             f"client: {client}; medians of {args.rounds} round(s)"
         )
         print(table(rows, servers))
+        for line in ceiling.get("lines", []):
+            print(line)
     return 0 if ok else 1
 
 

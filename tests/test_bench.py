@@ -21,7 +21,8 @@ import benchmarks.bench as bench_module
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--rounds", "1", "--seconds", "0.3", "--warmup", "0.1", "--idle-streams", "50"]
-TINY += ["--streams", "8", "--connections", "2", "--json"]
+TINY += ["--streams", "8", "--connections", "2", "--short-streams", "4", "--many-streams", "4"]
+TINY += ["--many-window", "10", "--no-ceiling", "--json"]
 HAVE_GO = (
     shutil.which("go") is not None and Path("/usr/share/gocode/src/google.golang.org/grpc").is_dir()
 )
@@ -54,6 +55,8 @@ def check_compare(
         ("pingpong", "p99 us"),
         ("stream", "msg/s"),
         ("concurrent", "msg/s"),
+        ("short", "streams/s"),
+        ("pipelined-many", "msg/s"),
         ("idle", "KiB/stream"),
     }
     for row in rows.values():
@@ -66,9 +69,14 @@ def check_compare(
         else:  # every answered number's sum was checked, and some were measured
             assert run["verified"] >= run["messages"] > 0
             assert run["server_cpu_s"] > 0
+        if run["mode"] == "short":  # whole streams ended OK: each took its 5 sums
+            assert run["streams_done"] > 0
+            assert run["verified"] >= 5 * run["streams_done"]
+        if run["mode"] == "pipelined-many":
+            assert (run["streams"], run["connections"]) == (4, 1)
     assert {(r["mode"], r["server"]) for r in report["runs"]} == {
         (mode, server)
-        for mode in ("pingpong", "stream", "concurrent", "idle")
+        for mode in ("pingpong", "stream", "concurrent", "short", "pipelined-many", "idle")
         for server in servers
     }
 
@@ -95,11 +103,12 @@ class WrongSums(bench_module.PythonLoad):
         return bench_module.number(i) + 1
 
 
+@pytest.mark.parametrize("mode", ["stream", "short", "pipelined-many"])
 def test_a_wrong_sum_fails_the_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    mode: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setattr(bench_module, "PythonLoad", WrongSums)
-    code = bench_module.main(["run", "--modes", "stream", "--client", "python", *TINY])
+    code = bench_module.main(["run", "--modes", mode, "--client", "python", *TINY])
     report = json.loads(capsys.readouterr().out)
     assert code == 1
     assert not report["ok"]
@@ -244,3 +253,78 @@ def test_the_table_shows_every_ratio() -> None:
         "2.67x",
         "1.00/0.50",
     ]
+
+
+def test_the_ceiling_runs_the_servers_exchange_and_times_it() -> None:
+    from benchmarks import ceiling
+
+    found = ceiling.measure(scale=0.01)  # ceiling checks every answer and trailer arrived
+    long_, short = found["pairs"], found["short"]
+    assert (long_.streams, long_.pairs) == (100, 300)
+    assert short.per_stream == 5
+    assert short.pairs == 5 * 40
+    for measured in (long_, short):
+        assert measured.server_seconds > 0
+        assert measured.pairs_per_s == pytest.approx(1e6 / measured.us_per_pair)
+    assert short.streams_per_s == pytest.approx(short.pairs_per_s / 5)
+    assert "us per request+answer" in ceiling.describe(found)
+
+
+def test_the_bench_says_what_fraction_of_the_ceiling_each_server_reached(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from benchmarks import ceiling
+
+    def fake(scale: float = 1.0) -> dict[str, ceiling.Ceiling]:
+        return {
+            "pairs": ceiling.Ceiling("pairs", 100, 10, 1.0, 20.0, 50_000.0, 0.0, 0),
+            "short": ceiling.Ceiling("short", 1, 10, 1.0, 40.0, 25_000.0, 5_000.0, 5),
+        }
+
+    monkeypatch.setattr(ceiling, "measure", fake)
+    rows = [
+        {"mode": "concurrent", "metric": "msg/s", "ours": 25_000.0, "grpc.aio": 10_000.0},
+        {"mode": "short", "metric": "streams/s", "ours": 1_000.0, "grpc.aio": 500.0},
+        {"mode": "pingpong", "metric": "p50 us", "ours": 200.0, "grpc.aio": 220.0},
+    ]
+    found = bench_module.reach(rows, ["ours", "grpc.aio"])
+    assert found["fractions"] == {
+        "concurrent": {"ours": 0.5, "grpc.aio": 0.2},
+        "short": {"ours": 0.2, "grpc.aio": 0.1},
+    }
+    assert "  concurrent: of the ceiling's 50,000 pairs/s: ours 50%, grpc.aio 20%" in found["lines"]
+
+
+def test_the_memory_breakdown_counts_idle_streams_by_owner() -> None:
+    args = ["--streams", "60", "--connections", "2", "--top", "5", "--json"]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.memory", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["streams"] == 60
+    owners = found["by_owner"]
+    assert set(owners) == {"h2", "grpclib", "asyncio", "serving (ours)", "handler chain", "other"}
+    assert found["bytes_per_stream"] == pytest.approx(sum(owners.values()))
+    assert found["bytes_per_stream"] > 1000  # an open stream holds something
+    assert owners["h2"] > 0
+    assert owners["serving (ours)"] > 0
+    assert len(found["top"]) == 5
+
+
+def test_owners_of_allocations() -> None:
+    from benchmarks.memory import owner
+
+    site = "/x/.venv/lib/python3.11/site-packages"
+    assert owner(f"{site}/h2/stream.py") == "h2"
+    assert owner(f"{site}/hpack/struct.py") == "h2"
+    assert owner(f"{site}/grpclib/protocol.py") == "grpclib"
+    assert owner(f"{site}/betterproto2/grpclib/grpclib_server.py") == "handler chain"
+    assert owner("/usr/lib/python3.11/asyncio/locks.py") == "asyncio"
+    assert owner("/r/service/number_service/serving/grpclib_ext/lean.py") == "serving (ours)"
+    assert owner("/r/service/number_service/service.py") == "handler chain"
+    assert owner("/usr/lib/python3.11/contextlib.py") == "other"

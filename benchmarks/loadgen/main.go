@@ -1,5 +1,9 @@
 // loadgen drives /tutorial.NumberService/AccumulateNumbers as fast as it can and
-// verifies every sum; benchmarks/bench.py builds and runs it (one run per mode).
+// verifies every sum; benchmarks/bench.py builds and runs it (one run per mode):
+// pingpong (one lock-step stream), stream (one pipelined stream), concurrent
+// (-streams lock-step streams over -conns connections), short (-streams at a time
+// over -conns, each opened, -per-stream lock-step numbers, closed; streams/s) and
+// pipelined-many (-streams pipelined streams over -conns connections).
 //
 // It is compiled so that the load client is not the bottleneck: it uses grpc-go
 // from Debian (golang-google-grpc-dev), no generated code, and a codec that passes
@@ -100,6 +104,8 @@ type result struct {
 	Streams          int      `json:"streams"`
 	Connections      int      `json:"connections"`
 	Messages         int64    `json:"messages"`
+	StreamsDone      int64    `json:"streams_done"`
+	StreamsPerSec    float64  `json:"streams_per_s"`
 	Verified         int64    `json:"verified"`
 	Seconds          float64  `json:"seconds"`
 	MsgPerSec        float64  `json:"msg_per_s"`
@@ -114,6 +120,7 @@ type result struct {
 
 type run struct {
 	answered  int64 // sums received and verified so far, all streams
+	finished  int64 // short mode: streams that ended OK after all their sums
 	measuring int32 // 1 while latencies are recorded
 	mu        sync.Mutex
 	latencies []time.Duration
@@ -307,6 +314,38 @@ func (c *frameReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
+// short opens streams one after another, each with perStream lock-step numbers
+// (every sum verified) then a half-close that must end with OK and no more sums.
+func (r *run) short(ctx context.Context, cc *grpc.ClientConn, perStream int) error {
+	in := make([]byte, 0, 16)
+	for k := int64(0); !r.stopped(); k++ {
+		st, err := openStream(ctx, cc)
+		if err != nil {
+			return err
+		}
+		var sum int32
+		for i := int64(0); i < int64(perStream); i++ {
+			n := number(k + i)
+			sum += n
+			out := encode(n)
+			if err := st.SendMsg(&out); err != nil {
+				return err
+			}
+			if err := st.RecvMsg(&in); err != nil {
+				return err
+			}
+			if err := r.verify(in, sum, i); err != nil {
+				return err
+			}
+		}
+		if err := finish(st); err != nil {
+			return err
+		}
+		atomic.AddInt64(&r.finished, 1)
+	}
+	return nil
+}
+
 func cpuSelf() float64 {
 	var ru syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
@@ -348,21 +387,22 @@ func percentile(sorted []time.Duration, p float64) float64 {
 
 func main() {
 	addr := flag.String("addr", "127.0.0.1:50051", "server host:port")
-	mode := flag.String("mode", "stream", "pingpong, stream or concurrent")
+	mode := flag.String("mode", "stream", "pingpong, stream, concurrent, short or pipelined-many")
 	seconds := flag.Float64("seconds", 5, "measured seconds")
 	warmup := flag.Float64("warmup", 1, "seconds of load before measuring")
-	streams := flag.Int("streams", 100, "concurrent: streams")
-	conns := flag.Int("conns", 4, "concurrent: connections")
+	streams := flag.Int("streams", 100, "concurrent, short, pipelined-many: streams at a time")
+	conns := flag.Int("conns", 4, "concurrent, short, pipelined-many: connections")
+	perStream := flag.Int("per-stream", 5, "short: lock-step numbers per stream")
 	inflight := flag.Int("inflight", 1000, "stream, concurrent: unanswered numbers per stream "+
 		"(0: unbounded, i.e. up to the server's HTTP/2 window, which can hold 100,000s)")
 	serverPid := flag.String("server-pid", "", "server processes (comma-separated pids) whose CPU time to report")
 	watchGoAways := flag.Bool("goaways", false, "report the last-stream-id of every GOAWAY received")
 	flag.Parse()
 
-	nStreams, nConns, perStream := 1, 1, *inflight
+	nStreams, nConns := 1, 1
 	switch *mode {
 	case "pingpong", "stream":
-	case "concurrent":
+	case "concurrent", "short", "pipelined-many":
 		nStreams, nConns = *streams, *conns
 	default:
 		fmt.Fprintf(os.Stderr, "loadgen: unknown mode %q\n", *mode)
@@ -405,10 +445,13 @@ func main() {
 		go func(cc *grpc.ClientConn) {
 			defer wg.Done()
 			var err error
-			if *mode == "pingpong" {
+			switch *mode {
+			case "pingpong":
 				err = r.pingPong(ctx, cc)
-			} else {
-				err = r.pipelined(ctx, cc, perStream)
+			case "short":
+				err = r.short(ctx, cc, *perStream)
+			default:
+				err = r.pipelined(ctx, cc, *inflight)
 			}
 			if err != nil {
 				r.fail(err)
@@ -425,8 +468,10 @@ func main() {
 	sleepOrStop(*warmup)
 	atomic.StoreInt32(&r.measuring, 1)
 	start, n0, c0, s0 := time.Now(), atomic.LoadInt64(&r.answered), cpuSelf(), cpuOf(*serverPid)
+	f0 := atomic.LoadInt64(&r.finished)
 	sleepOrStop(*seconds)
 	elapsed, n1, c1, s1 := time.Since(start), atomic.LoadInt64(&r.answered), cpuSelf(), cpuOf(*serverPid)
+	f1 := atomic.LoadInt64(&r.finished)
 	atomic.StoreInt32(&r.measuring, 0)
 	r.halt() // every stream: stop sending, drain, check the rest
 	wg.Wait()
@@ -435,6 +480,8 @@ func main() {
 	res.Verified = atomic.LoadInt64(&r.answered)
 	res.Seconds = elapsed.Seconds()
 	res.MsgPerSec = float64(res.Messages) / res.Seconds
+	res.StreamsDone = f1 - f0
+	res.StreamsPerSec = float64(res.StreamsDone) / res.Seconds
 	res.ClientCPUSeconds = c1 - c0
 	res.ServerCPUSeconds = s1 - s0
 	sort.Slice(r.latencies, func(i, j int) bool { return r.latencies[i] < r.latencies[j] })

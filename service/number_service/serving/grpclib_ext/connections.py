@@ -94,6 +94,7 @@ from h2.utilities import SizeLimitDict
 from hpack.exceptions import HPACKError, OversizedHeaderListError
 from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame
 
+from . import lean
 from .coalesce import CoalescingTransport
 from .floods import FloodLimits, FrameAccounting, Verdict
 
@@ -276,6 +277,7 @@ class Connection(H2Protocol):
         h2 = _h2(self)
         self._accounting.max_frame_size = h2.max_inbound_frame_size
         h2._closed_streams = SizeLimitDict(size_limit=CLOSED_STREAMS_KEPT)
+        lean.install(self.processor)  # streams without grpclib's up-front Events and Queue
         processors = self.processor.processors
         processors[UnknownFrameReceived] = _ignore
         processors[DataReceived] = _without_empty_data(processors[DataReceived])  # type: ignore[arg-type]

@@ -25,10 +25,11 @@ of the request bytes streams hold (:class:`Budget`). The window of the client's 
 control is given back only
 for requests decoded, as grpclib does for requests read.
 
-Private grpclib attributes used here, with what they stand in for (grpclib has no
-public API for any of them; no upstream issue asks for one yet):
-``grpclib.protocol.Buffer._unacked`` / ``_eof`` / ``_ack_callback`` (read what has
-arrived without awaiting per message), ``Stream._stream`` / ``_codec`` /
+Its HTTP/2 stream is a :class:`~.lean.LeanStream`, whose :class:`~.lean.LeanBuffer`
+hands over everything that has arrived at once (``take``) and lets a reader wait for
+more (``wait``). Private grpclib attributes used here, with what they stand in for
+(grpclib has no public API for any of them; no upstream issue asks for one yet):
+``Stream._stream`` / ``_codec`` /
 ``_dispatch`` / ``_recv_type`` / ``_send_type`` / ``_cardinality`` /
 ``_method_name``, the
 ``_send_*_done`` flags and the ``_messages_sent`` / ``_messages_received`` counts
@@ -47,8 +48,9 @@ from typing import Any, TypeVar
 from grpclib import events
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError
-from grpclib.protocol import Buffer
 from grpclib.server import Stream
+
+from .lean import LeanBuffer
 
 #: Requests decoded, and answers held, at most per batch: one stream must not hold the
 #: loop. A lock-step stream next to a pipelined flood measured p50 13.7 ms with 512 and
@@ -208,7 +210,10 @@ class BatchingStream(Stream[_Recv, _Send]):
         self._turn = turn  # its connection's share of each loop turn; None: no limit
         self._held = 0  # bytes counted in the budget: received and not yet handed out
         self._spent = 0  # of those, decoded into _ready: given back once it is empty
-        self._buffer: Buffer = self._stream.buffer
+        buffer = self._stream.buffer
+        # This package's Connection makes every stream lean (lean.install).
+        assert isinstance(buffer, LeanBuffer), buffer
+        self._buffer = buffer
         self._pending = bytearray()  # bytes received; from _pos on, not yet decoded
         self._pos = 0
         self._unacked = 0  # bytes at the end of _pending whose window is not given back
@@ -294,34 +299,31 @@ class BatchingStream(Stream[_Recv, _Send]):
                 await self.flush()
             self._count()
             if self._unacked:
-                self._buffer._ack_callback(self._unacked)
+                self._buffer.ack(self._unacked)
                 self._unacked = 0
-            queue = self._buffer._unacked
-            if queue.empty() and not self._buffer._eof:
+            buffer = self._buffer
+            if not buffer.ended:  # _take_arrived took every chunk: wait for the next
                 timeout = self._limits.idle_timeout
                 if timeout is None:
-                    item = await queue.get()
+                    await buffer.wait()
                 else:
                     remaining = self._last_request + timeout - time.monotonic()
                     try:
                         async with asyncio.timeout(max(remaining, 0)):
-                            item = await queue.get()
+                            await buffer.wait()
                     except TimeoutError:
                         raise idle(timeout) from None
-                padding = self._add(item)
-                if padding:
-                    self._buffer._ack_callback(padding)
             self._run = 0
 
     def _take_arrived(self) -> None:
         """Move every chunk the HTTP/2 stream has queued into ``_pending``, without waiting."""
-        queue = self._buffer._unacked
+        buffer = self._buffer
         padding = 0
-        while not queue.empty():
-            padding += self._add(queue.get_nowait())
+        for item in buffer.take():
+            padding += self._add(item)
         if padding:
-            self._buffer._ack_callback(padding)
-        if self._buffer._eof and queue.empty():
+            buffer.ack(padding)
+        if buffer.ended:
             self._ended = True
 
     def _add(self, item: tuple[bytes, int, int]) -> int:
@@ -361,7 +363,7 @@ class BatchingStream(Stream[_Recv, _Send]):
         """Forget every request byte not yet handed out (the stream has failed or
         ended), with its window and its place in the budget."""
         if self._unacked and not self._stream.connection.is_closing():
-            self._buffer._ack_callback(self._unacked)
+            self._buffer.ack(self._unacked)
         self._unacked = 0
         self._pending = bytearray()
         self._pos = 0
@@ -410,7 +412,7 @@ class BatchingStream(Stream[_Recv, _Send]):
         # the last _unacked bytes of _pending are the ones not given back yet.
         credit = pos - (end - self._unacked)
         if credit > 0:
-            self._buffer._ack_callback(credit)
+            self._buffer.ack(credit)
             self._unacked -= credit
         if pos == end:
             pending.clear()

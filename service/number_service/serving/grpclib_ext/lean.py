@@ -1,0 +1,333 @@
+"""Lean HTTP/2 streams: grpclib's per-stream objects without what an idle stream never uses.
+
+grpclib's ``protocol.Stream`` makes three ``asyncio.Event``s up front (window
+updated, headers received, trailers received: the last two only a client ever
+waits on) and its ``Buffer`` an ``asyncio.Queue`` (three deques and an Event) plus
+a deque; each deque allocates its first block at once, ~760 B: ~6 KB of an idle
+stream's ~16.5 KB (``python -m benchmarks.memory``). Here:
+
+- :class:`LeanBuffer` is grpclib's ``Buffer`` (same methods, same behaviour) holding
+  the received chunks in a list and one future made only while someone waits;
+- :class:`LeanStream` is grpclib's ``Stream`` whose Events are made on first use,
+  and which waits for flow-control window on a future of its own: a WINDOW_UPDATE
+  for the connection wakes the streams waiting for window, not every stream of the
+  connection (grpclib sets every stream's Event);
+- :func:`install` has a connection's grpclib ``EventsProcessor`` make its streams
+  as :class:`LeanStream` (and wake them as above), and makes its h2 connection a
+  :class:`LeanH2Connection`:
+  h2's, without the ``repr(frame)`` it builds for every frame received, for a trace
+  log that is off (~4% of a busy stream's server time; a DataFrame's repr
+  hex-encodes its payload).
+
+Each is a change that could go into grpclib as it is (the same classes, made
+lazily). Private grpclib attributes used, standing in for a missing hook (grpclib
+has none for the stream class its server makes; no upstream issue yet): the
+``EventsProcessor.processors`` table (its RequestReceived, WindowUpdated and
+RemoteSettingsChanged entries replaced: grpclib's own, but for the stream class and
+whom they wake), grpclib
+``Connection._connection`` / ``_transport`` (what grpclib's ``create_stream`` passes
+to a new stream), and ``Stream``'s own attributes, which the subclass sets as
+grpclib's ``__init__`` does. From h2: the h2 connection's class is changed in place
+(grpclib makes the ``H2Connection`` itself, with no hook for its class) and
+``_receive_frame`` is overridden (h2 issue: none yet; the fix upstream is to call
+``repr`` only when the logger traces).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Any
+
+from grpclib.protocol import (
+    AckedData,
+    Buffer,
+    Connection,
+    EventsProcessor,
+    Stream,
+    UnackedData,
+)
+from grpclib.utils import Wrapper
+from h2.config import DummyLogger
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import Event, RemoteSettingsChanged, RequestReceived, WindowUpdated
+from h2.exceptions import StreamClosedError, StreamIDTooLowError
+from h2.settings import SettingCodes
+from hyperframe.frame import Frame, RstStreamFrame
+
+__all__ = ["LeanBuffer", "LeanH2Connection", "LeanStream", "install"]
+
+
+class LeanBuffer(Buffer):
+    """grpclib's ``Buffer``: the received DATA of one stream, with its flow-control
+    credit, read in order; no Queue: a list, and a future only while a reader waits."""
+
+    def __init__(self, ack_callback: Any) -> None:
+        # Not Buffer.__init__: it makes the Queue and the deque this class does without.
+        self._ack_callback = ack_callback
+        self._eof = False
+        self._chunks: list[UnackedData] = []  # received, not yet read
+        self._waiter: asyncio.Future[None] | None = None  # made by a reader that waits
+        self._read: list[AckedData] = []  # read() only: taken, acked, not yet returned
+        self._acked_size = 0
+
+    def add(self, data: bytes, ack_size: int) -> None:
+        self._chunks.append(UnackedData(data, len(data), ack_size))
+        self._wake()
+
+    def eof(self) -> None:
+        self._chunks.append(UnackedData(b"", 0, 0))
+        self._eof = True
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    @property
+    def ended(self) -> bool:
+        """The stream's end has arrived (chunks before it may still wait here)."""
+        return self._eof
+
+    def ack(self, size: int) -> None:
+        """Give ``size`` bytes of flow-control credit back to the client."""
+        self._ack_callback(size)
+
+    def take(self) -> list[UnackedData]:
+        """Every chunk received and not yet taken, at once (no wait, no credit given)."""
+        chunks = self._chunks
+        if chunks:
+            self._chunks = []
+        return chunks
+
+    async def wait(self) -> None:
+        """Return once a chunk (or the end) has arrived that is not yet taken."""
+        if self._chunks:
+            return
+        waiter = self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    async def read(self, size: int) -> bytes:
+        """grpclib's ``Buffer.read``: ``size`` bytes, crediting each chunk as it is taken;
+        b'' at the end of the stream."""
+        assert size >= 0, "Size can not be negative"
+        if size == 0:
+            return b""
+        if not self._eof or self._chunks:
+            while self._acked_size < size:
+                await self.wait()
+                data, data_size, ack_size = self._chunks.pop(0)
+                if not ack_size:
+                    break
+                self._read.append(AckedData(memoryview(data), data_size))
+                self._acked_size += data_size
+                self._ack_callback(ack_size)
+        if self._eof and self._acked_size == 0:
+            return b""
+        if self._acked_size < size:
+            raise AssertionError("Received less data than expected")
+        chunks = []
+        chunks_size = 0
+        while chunks_size < size:
+            next_chunk, next_chunk_size = self._read[0]
+            if chunks_size + next_chunk_size <= size:
+                chunks.append(next_chunk)
+                chunks_size += next_chunk_size
+                self._read.pop(0)
+            else:
+                offset = size - chunks_size
+                chunks.append(next_chunk[:offset])
+                chunks_size += offset
+                self._read[0] = AckedData(next_chunk[offset:], next_chunk_size - offset)
+        self._acked_size -= size
+        return b"".join(chunks)
+
+    def unacked_size(self) -> int:
+        """The credit of every chunk not yet read; those chunks are dropped (as grpclib's)."""
+        chunks = self.take()
+        return sum(chunk.ack_size for chunk in chunks)
+
+
+class LeanStream(Stream):
+    """grpclib's ``protocol.Stream``, its Events made on first use, its buffer lean."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        h2_connection: H2Connection,
+        transport: asyncio.Transport,
+        *,
+        stream_id: int | None = None,
+        wrapper: Wrapper | None = None,
+        waiting: set[LeanStream],
+    ) -> None:
+        # Not Stream.__init__: it makes the three Events up front.
+        self._waiting = waiting  # its connection's streams waiting for window
+        self._window_waiter: asyncio.Future[None] | None = None
+        self.connection = connection
+        self._h2_connection = h2_connection
+        self._transport = transport
+        self.wrapper = wrapper
+        self.headers = None
+        self.trailers = None
+        self._events: dict[str, asyncio.Event] | None = None
+        if stream_id is not None:
+            self.init_stream(stream_id, connection)
+
+    def init_stream(self, stream_id: int, connection: Connection) -> None:
+        super().init_stream(stream_id, connection)
+        self.buffer = LeanBuffer(partial(connection.ack, stream_id))
+
+    def _event(self, name: str) -> asyncio.Event:
+        events = self._events
+        if events is None:
+            events = self._events = {}
+        event = events.get(name)
+        if event is None:
+            event = events[name] = asyncio.Event()
+        return event
+
+    # grpclib's Stream attributes, as properties: the Event is made when first used.
+    @property
+    def window_updated(self) -> asyncio.Event:  # type: ignore[override]
+        return self._event("window_updated")
+
+    @property
+    def headers_received(self) -> asyncio.Event:  # type: ignore[override]
+        return self._event("headers_received")
+
+    @property
+    def trailers_received(self) -> asyncio.Event:  # type: ignore[override]
+        return self._event("trailers_received")
+
+    def window_opened(self) -> None:
+        """A WINDOW_UPDATE (or SETTINGS) may have given this stream window: wake its send."""
+        waiter = self._window_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self._events is not None and "window_updated" in self._events:
+            self._events["window_updated"].set()
+
+    async def send_data(self, data: bytes, end_stream: bool = False) -> None:
+        """grpclib's ``Stream.send_data``: in chunks of at most the window and the frame
+        size, waiting for window when there is none; the whole at once (no BytesIO,
+        no copy) when it fits, and a wait that only window for this stream ends."""
+        assert self.id is not None
+        h2 = self._h2_connection
+        connection = self.connection
+        pos, end = 0, len(data)
+        while True:
+            write_ready = connection.write_ready
+            if not write_ready.is_set():
+                await write_ready.wait()
+            window = h2.local_flow_control_window(self.id)
+            if not window > 0:  # it can become negative
+                await self._wait_for_window()
+                continue  # others may have used the window meanwhile: from the start
+            size = min(window, h2.max_outbound_frame_size, end - pos)
+            chunk = data if size == end else data[pos : pos + size]
+            pos += size
+            last = pos == end
+            h2.send_data(self.id, chunk, end_stream=end_stream and last)
+            self._transport.write(h2.data_to_send())
+            self.data_sent += size
+            connection.data_sent += size
+            connection.data_send_process()
+            if last:
+                return
+
+    async def _wait_for_window(self) -> None:
+        waiter = self._window_waiter = asyncio.get_running_loop().create_future()
+        self._waiting.add(self)
+        try:
+            await waiter
+        finally:
+            self._window_waiter = None
+            self._waiting.discard(self)
+
+
+class LeanH2Connection(H2Connection):
+    """h2's connection, formatting no frame for a trace log that is off."""
+
+    def _receive_frame(self, frame: Frame) -> list[Event]:
+        # h2 4.4.1's H2Connection._receive_frame, but for its first line,
+        # self.config.logger.trace("Received frame: %s", repr(frame)), whose repr
+        # runs even when the logger is h2's no-op DummyLogger.
+        if type(self.config.logger) is not DummyLogger:  # someone traces: h2's own
+            return super()._receive_frame(frame)
+        events: list[Event]
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except StreamClosedError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = e.error_code
+                self._prepare_for_sending([f])
+                events = e._events
+            else:
+                raise
+        except StreamIDTooLowError as e:
+            if self._stream_is_closed_by_reset(e.stream_id):
+                f = RstStreamFrame(e.stream_id)
+                f.error_code = ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([f])
+                events = []
+            elif self._stream_is_closed_by_end(e.stream_id):
+                raise StreamClosedError(e.stream_id) from e
+            else:
+                raise
+        else:
+            self._prepare_for_sending(frames)
+        return events
+
+
+def install(processor: EventsProcessor) -> None:
+    """Have grpclib's ``processor`` make each new stream a :class:`LeanStream`, and its
+    h2 connection a :class:`LeanH2Connection`."""
+    connection = processor.connection
+    waiting: set[LeanStream] = set()  # streams of this connection waiting for window
+    h2 = connection._connection
+    if type(h2) is H2Connection:  # the same object, h2's state kept: only the class
+        h2.__class__ = LeanH2Connection
+
+    def process_request_received(event: RequestReceived) -> None:
+        # grpclib's EventsProcessor.process_request_received, with our stream class.
+        assert event.stream_id is not None
+        stream = LeanStream(
+            connection,
+            connection._connection,
+            connection._transport,
+            stream_id=event.stream_id,
+            waiting=waiting,
+        )
+        release_stream = processor.register(stream)
+        processor.handler.accept(stream, event.headers, release_stream)  # type: ignore[arg-type]
+
+    def wake_waiting() -> None:
+        for stream in list(waiting):
+            stream.window_opened()
+
+    def process_window_updated(event: WindowUpdated) -> None:
+        # grpclib's sets every stream's window_updated Event for the connection's.
+        if event.stream_id == 0:
+            wake_waiting()
+            return
+        stream = processor.streams.get(event.stream_id)
+        if isinstance(stream, LeanStream):
+            stream.window_opened()
+        elif stream is not None:
+            stream.window_updated.set()
+
+    def process_remote_settings_changed(event: RemoteSettingsChanged) -> None:
+        if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            wake_waiting()
+
+    processors = processor.processors
+    processors[RequestReceived] = process_request_received
+    processors[WindowUpdated] = process_window_updated
+    processors[RemoteSettingsChanged] = process_remote_settings_changed

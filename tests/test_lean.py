@@ -1,0 +1,210 @@
+"""Lean streams (serving.grpclib_ext.lean): what an idle open stream holds on the server,
+and that grpclib's behaviour is kept (the buffer reads as grpclib's does)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import sys
+from typing import Any
+
+import pytest
+from grpclib.protocol import Buffer
+from rawh2 import H2Client, grpc_message
+
+from number_service import NumberClient
+from number_service.codec import decode_int32_field, encode_int32_field
+from number_service.pytest_plugin import RunningServer
+
+TIMEOUT = 10.0
+
+
+def server_streams(server: RunningServer) -> list[Any]:
+    """The h2 streams open on the server now, over all its connections."""
+    connections = server.server.connections.live  # type: ignore[attr-defined]
+    return [s for c in connections for s in c.processor.streams.values()]
+
+
+def asyncio_parts(obj: object, kinds: Any = (asyncio.Event, asyncio.Queue)) -> list[str]:
+    """The asyncio Events and Queues (or other ``kinds``) among ``obj``'s attributes."""
+    return [type(v).__name__ for v in vars(obj).values() if isinstance(v, kinds)]
+
+
+async def test_an_idle_open_stream_holds_no_asyncio_event_or_queue(
+    number_server: RunningServer,
+) -> None:
+    client = NumberClient(number_server.host, number_server.port, timeout=TIMEOUT)
+    async with client, contextlib.AsyncExitStack() as stack:
+        sessions = [await stack.enter_async_context(client.session()) for _ in range(20)]
+        for k, session in enumerate(sessions, 1):
+            assert await session.add(k) == k
+        streams = server_streams(number_server)
+        assert len(streams) == 20
+        for stream in streams:
+            assert asyncio_parts(stream) == []
+            assert asyncio_parts(stream.buffer) == []
+            # but the one future its handler waits on for the next request
+            assert asyncio_parts(stream.buffer, asyncio.Future) == ["Future"]
+        for k, session in enumerate(sessions, 1):  # and they still work
+            assert await session.add(1) == k + 1
+
+
+async def feed_and_read(buffer: Buffer, chunks: list[bytes], sizes: list[int]) -> Any:
+    """Feed ``chunks`` (then the end) while reading ``sizes``; what was read, and the
+    credit given back, in order."""
+    acked: list[int] = []
+    buffer._ack_callback = acked.append
+
+    async def feed() -> None:
+        for chunk in chunks:
+            await asyncio.sleep(0)
+            buffer.add(chunk, len(chunk) + 1)  # one byte of padding each
+        buffer.eof()
+
+    feeding = asyncio.create_task(feed())
+    read = [await buffer.read(size) for size in sizes]
+    await feeding
+    return read, acked, buffer.unacked_size()
+
+
+@pytest.mark.parametrize("seed", range(20))
+async def test_the_lean_buffer_reads_as_grpclibs(seed: int) -> None:
+    rng = random.Random(seed)
+    data = rng.randbytes(rng.randrange(0, 400))
+    cuts = sorted(rng.sample(range(1, max(2, len(data))), min(len(data) // 3, 8)))
+    chunks = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+    total = sum(map(len, chunks))
+    sizes: list[int] = []
+    while sum(sizes) < total - 1:
+        sizes.append(rng.randrange(1, max(2, total - sum(sizes))))
+    if total - sum(sizes):
+        sizes.append(total - sum(sizes))
+    sizes += [0, 5]  # and reads at the end: b''
+    from number_service.serving.grpclib_ext.lean import LeanBuffer
+
+    expected = await feed_and_read(Buffer(lambda n: None), chunks, sizes)
+    assert await feed_and_read(LeanBuffer(lambda n: None), chunks, sizes) == expected
+
+
+def handler_tasks(server: RunningServer) -> list[asyncio.Task[None]]:
+    """The stream tasks the server's connection handlers hold."""
+    return [t for h in server.server._handlers for t in h._tasks.values()]
+
+
+async def test_an_idle_streams_handler_keeps_no_request_headers(
+    number_server: RunningServer,
+) -> None:
+    client = NumberClient(number_server.host, number_server.port, timeout=TIMEOUT)
+    async with client, client.session() as session:
+        assert await session.add(3) == 3
+        (task,) = handler_tasks(number_server)
+        frame = task.get_coro().cr_frame  # type: ignore[union-attr]
+        kept = [v for v in frame.f_locals.values() if isinstance(v, (list, dict))]
+        assert not [v for v in kept if any(isinstance(x, tuple) for x in v)], kept
+        assert await session.add(4) == 7  # the deadline (timeout=) still armed, unexpired
+
+
+async def test_stream_tasks_are_forgotten_as_they_end(number_server: RunningServer) -> None:
+    client = NumberClient(number_server.host, number_server.port, timeout=TIMEOUT)
+    started = asyncio.Event()
+
+    async def cut_short() -> None:
+        async with client.session() as session:
+            assert await session.add(1) == 1
+            started.set()
+            await asyncio.sleep(TIMEOUT)
+
+    async with client:
+        for k in range(5):
+            async with client.session() as session:
+                assert await session.add(k) == k
+        cut = asyncio.create_task(cut_short())
+        await asyncio.wait_for(started.wait(), TIMEOUT)
+        assert len(handler_tasks(number_server)) == 1
+        cut.cancel()  # the client resets the stream; the server cancels its task
+        with contextlib.suppress(asyncio.CancelledError):
+            await cut
+        for _ in range(200):
+            if not handler_tasks(number_server):
+                break
+            await asyncio.sleep(0.01)
+        assert handler_tasks(number_server) == []
+        await asyncio.sleep(0.05)
+        assert not any(h._cancelled for h in number_server.server._handlers)
+
+
+async def test_the_server_formats_no_frame_it_receives(
+    number_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """h2 builds repr(frame) of every frame received for a trace log that is off;
+    the server's connections don't (the client's, plain h2, still do: the count works)."""
+    from h2.connection import H2Connection
+    from hyperframe.frame import Frame
+
+    formatted = {"server": 0, "client": 0}
+    frame_repr = Frame.__repr__
+
+    def counting_repr(self: Frame) -> str:
+        caller = sys._getframe(1).f_locals.get("self")
+        if isinstance(caller, H2Connection):
+            formatted["client" if caller.config.client_side else "server"] += 1
+        return frame_repr(self)
+
+    monkeypatch.setattr(Frame, "__repr__", counting_repr)
+    client = NumberClient(number_server.host, number_server.port, timeout=TIMEOUT)
+    async with client, client.session() as session:
+        for k in range(1, 11):
+            assert await session.add(1) == k
+    assert formatted["client"] >= 10
+    assert formatted["server"] == 0
+
+
+async def test_a_connection_window_update_wakes_only_streams_waiting_for_window(
+    number_server: RunningServer,
+) -> None:
+    async with await H2Client.connect(number_server.port) as h2:
+        ids = []
+        for k in range(1, 21):
+            stream_id = h2.open_stream()
+            h2.send_data(stream_id, grpc_message(encode_int32_field(k)))
+            ids.append(stream_id)
+        while not all(h2.replies[i].messages for i in ids):
+            await h2.receive(TIMEOUT)
+        h2.conn.increment_flow_control_window(1000)  # a WINDOW_UPDATE for the connection
+        h2.ping(7)
+        while not h2.pings_acked:
+            await h2.receive(TIMEOUT)
+        streams = server_streams(number_server)
+        assert len(streams) == 20
+        # grpclib set a window_updated Event on every stream; none is made here
+        assert [s for s in streams if s._events is not None] == []
+
+
+async def test_streams_stalled_on_the_connection_window_go_on_when_it_opens(
+    number_server: RunningServer,
+) -> None:
+    """The answers of two streams pass the client's 65,535-byte connection window:
+    the server's sends wait for it, and the client's WINDOW_UPDATEs wake them."""
+    numbers = [(i * 7919) % 2001 - 1000 for i in range(5000)]
+    async with await H2Client.connect(number_server.port) as h2:
+        while h2.conn.outbound_flow_control_window <= 65535:  # the server's 4 MiB windows
+            await h2.receive(TIMEOUT)
+        ids = []
+        for _ in range(2):
+            stream_id = h2.open_stream()
+            data = b"".join(grpc_message(encode_int32_field(n)) for n in numbers)
+            for at in range(0, len(data), 16384):  # h2's largest frame
+                end = at + 16384 >= len(data)
+                h2.send_data(stream_id, data[at : at + 16384], end_stream=end)
+            ids.append(stream_id)
+        await h2.flush()
+        await asyncio.sleep(0.5)  # the server answers until the connection window is used up
+        while not all(h2.replies[i].ended for i in ids):
+            await h2.receive(TIMEOUT)
+        for stream_id in ids:
+            reply = h2.replies[stream_id]
+            assert reply.grpc_status == 0, reply
+            sums = [decode_int32_field(m) for m in reply.messages]
+            assert sums == list(itertools.accumulate(numbers))
