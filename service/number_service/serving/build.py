@@ -38,6 +38,7 @@ from .reflection import with_reflection
 from .streams import SHUTDOWN_MESSAGE, Servable, Streams
 
 STOP_WAIT = 5.0  # seconds past the grace period that a shutdown waits for connections
+STARTED_WAIT = 0.5  # seconds, at most, for the streams let in by the drain to start
 ADOPT_WAIT = 0.2  # seconds for the connections taken from the listen backlog to be made
 
 
@@ -132,6 +133,17 @@ class Serving:
         self.server.serve_from(listener)
         self.health.set(True)
 
+    async def _started(self, connections: grpclib_ext.Connections, timeout: float) -> None:
+        """Wait, up to ``timeout`` s, until every stream handler task of ``connections``
+        has reached its method (so the drain counts it) or ended."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # Polled once per loop turn: nothing signals a task reaching its method.
+        while loop.time() < deadline and any(  # noqa: ASYNC110
+            not self.streams.started(task) for task in connections.handler_tasks()
+        ):
+            await asyncio.sleep(0)
+
     async def shutdown(self, grace: float) -> None:
         """Drain: NOT_SERVING, no new connections or streams, in-flight streams get
         ``grace`` seconds to finish; those left end with UNAVAILABLE. Then every
@@ -151,10 +163,11 @@ class Serving:
             self.server.stop_listening()
             await self.server.adopted(ADOPT_WAIT)
             await self.server.connections.drain(min(grace, grpclib_ext.DRAIN_PING_TIMEOUT))
-            # The streams let in just before the second GOAWAYs: their tasks start
-            # (and are counted in flight) on the next turns of the loop.
-            for _ in range(3):
-                await asyncio.sleep(0)
+            # The streams let in just before the second GOAWAYs: their tasks start,
+            # and are counted in flight, a turn or more later (after what the
+            # connection's slice of frames held back). Counting before would let the
+            # drain end under them, and close their connections unread (a TCP reset).
+            await self._started(self.server.connections, STARTED_WAIT)
         in_flight = self.streams.drained_in_flight
         log.info("draining: not listening; up to %g s for %d stream(s)", grace, in_flight)
         left = max(0.0, grace - (asyncio.get_running_loop().time() - started))

@@ -155,6 +155,10 @@ class Streams:
         """Records of the streams in flight now."""
         return list(self._live.values())
 
+    def started(self, task: asyncio.Task[Any]) -> bool:
+        """Whether ``task`` is a stream's handler that has reached its method (counted)."""
+        return task in self._live
+
     @property
     def drained_in_flight(self) -> int:
         """How many streams in flight a drain would wait for."""

@@ -213,6 +213,16 @@ class Connections:
             await asyncio.wait(pending, timeout=left)
         self._drains = [f for f in self._drains if not f.done()]
 
+    def handler_tasks(self) -> list[asyncio.Task[Any]]:
+        """The stream handlers' tasks of every connection, started or not: grpclib's
+        ``Handler._tasks`` (it has no public view of them; grpclib #148)."""
+        return [
+            task
+            for connection in self.live
+            for task in getattr(connection.handler, "_tasks", {}).values()
+            if not task.done()
+        ]
+
     async def wait_closed(self, timeout: float = CLOSE_WAIT) -> None:
         """After :meth:`close`: wait up to ``timeout`` s for every connection to end,
         then abort those left (their peer does not read what they hold)."""
