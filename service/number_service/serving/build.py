@@ -38,6 +38,7 @@ from .reflection import with_reflection
 from .streams import SHUTDOWN_MESSAGE, Servable, Streams
 
 STOP_WAIT = 5.0  # seconds past the grace period that a shutdown waits for connections
+ACCEPT_SETTLE = 0.1  # seconds for connections accepted before the socket closed to be made
 STARTED_WAIT = 0.5  # seconds, at most, for the streams let in by the drain to start
 ADOPT_WAIT = 0.2  # seconds for the connections taken from the listen backlog to be made
 
@@ -162,7 +163,14 @@ class Serving:
         if isinstance(self.server, grpclib_ext.Server):
             self.server.stop_listening()
             await self.server.adopted(ADOPT_WAIT)
-            await self.server.connections.drain(min(grace, grpclib_ext.DRAIN_PING_TIMEOUT))
+            ping_wait = min(grace, grpclib_ext.DRAIN_PING_TIMEOUT)
+            await self.server.connections.drain(ping_wait)
+            # Connections asyncio accepted just before the socket closed get their
+            # protocol a turn or more later, and drain at once when they do: wait for
+            # them, so that the drain does not end (and exit) with their requests
+            # unread, a TCP reset (through nginx: a call it tries again elsewhere).
+            await asyncio.sleep(ACCEPT_SETTLE)
+            await self.server.connections.drain(ping_wait)
             # The streams let in just before the second GOAWAYs: their tasks start,
             # and are counted in flight, a turn or more later (after what the
             # connection's slice of frames held back). Counting before would let the

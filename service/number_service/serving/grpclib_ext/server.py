@@ -38,10 +38,6 @@ from .connections import Connection, ConnectionLimits, Connections
 from .handler import Handler
 from .stream import Budget, Counter, StreamLimits
 
-#: Seconds a drain waits, at least, for the connections asyncio accepted before the
-#: listening socket closed to be made (a loop turn or two each; see Server.adopted).
-ACCEPT_SETTLE = 0.1
-
 
 class Server(GrpclibServer):
     """grpclib's Server, with batched streams and guarded connections (see the module)."""
@@ -188,15 +184,6 @@ class Server(GrpclibServer):
     async def adopted(self, timeout: float) -> None:
         """Wait up to ``timeout`` s for the connections :meth:`stop_listening` took from
         the backlog to be made (TLS ones that take longer are refused when they are:
-        the server is draining by then), and at least ``ACCEPT_SETTLE`` s in all: those
-        asyncio accepted itself just before the socket closed get their protocol a
-        turn or more after the accept, and a drain that found no connection and
-        ended before they came would exit with their requests unread (a TCP reset;
-        through nginx, a request it retries elsewhere with part of its body lost,
-        nginx 1.22)."""
-        loop = asyncio.get_running_loop()
-        settled = loop.time() + min(ACCEPT_SETTLE, timeout)
+        the server is draining by then)."""
         if self._adopting:
             await asyncio.wait(list(self._adopting), timeout=timeout)
-        if (left := settled - loop.time()) > 0:
-            await asyncio.sleep(left)
