@@ -417,6 +417,10 @@ async def attack_once(port: int, attack: Attack, until: float, result: Attacked)
                 closed.set()
                 break
             result.frames_sent += _frames_in(batch)
+            # drain() does not yield while the socket takes every byte at once (on 3.12
+            # more often): without this the attacker holds the loop it shares with the
+            # reader of its GOAWAY, and with the suite's in-process bystander.
+            await asyncio.sleep(0)
         if reading is None:  # take what the server sent, if the socket still has it
             with contextlib.suppress(TimeoutError, ConnectionError):
                 while chunk := await asyncio.wait_for(reader.read(1 << 20), 0.5):
