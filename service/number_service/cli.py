@@ -296,6 +296,14 @@ def main() -> None:
     "they are over half its streams) close it (Rapid Reset). 0: no limit.",
 )
 @_serve_option(
+    "--flood-cooldown",
+    type=click.FloatRange(min=0),
+    default=limits.DEFAULT_FLOOD_COOLDOWN,
+    help="Seconds new connections from an address are refused after one of its "
+    "connections was cut for a flood; doubled for each further cut within 5 min, up to "
+    "60. Clients behind one NAT or proxy share it. 0: off.",
+)
+@_serve_option(
     "--max-queued-control-frames",
     type=click.IntRange(min=0),
     default=limits.DEFAULT_MAX_QUEUED_CONTROL_FRAMES,
@@ -355,6 +363,7 @@ def serve(
     min_ping_interval: float,
     max_settings: int,
     max_resets: int,
+    flood_cooldown: float,
     max_queued_control_frames: int,
     max_frames_per_turn: int,
     max_messages_per_turn: int,
@@ -393,6 +402,7 @@ def serve(
             min_ping_interval=min_ping_interval or None,
             max_settings=max_settings or None,
             max_resets=max_resets or None,
+            flood_cooldown=flood_cooldown or None,
             max_queued_control_frames=max_queued_control_frames or None,
             max_frames_per_turn=max_frames_per_turn or None,
             max_messages_per_turn=max_messages_per_turn or None,

@@ -19,6 +19,8 @@ underscore-named):
   GOAWAY ENHANCE_YOUR_CALM and one warning: empty frames, PRIORITY, WINDOW_UPDATE,
   PING and SETTINGS floods, streams reset before they are answered (Rapid Reset),
   control frames queued for a client that does not read (:meth:`Limits.flood_limits`);
+  and then refuses new connections from that address for ``flood_cooldown`` seconds,
+  doubling with each further cut (``grpclib_ext/cooldown.py``);
 - every stream counts the request bytes it holds (received, not yet handed to the
   handler, a partial message included) against a budget of its connection
   (``max_connection_buffer``) and of the process (``max_process_buffer``): a
@@ -53,6 +55,7 @@ DEFAULT_MAX_WINDOW_UPDATES = 10  # Envoy's max_inbound_window_update_frames_per_
 DEFAULT_MIN_PING_INTERVAL = 300.0  # grpc-go's keepalive.EnforcementPolicy MinTime (5 min)
 DEFAULT_MAX_SETTINGS = 10  # SETTINGS frames with no data sent in between
 DEFAULT_MAX_RESETS = 100  # streams reset before they are answered (Rapid Reset)
+DEFAULT_FLOOD_COOLDOWN = 1.0  # seconds an address is refused after its first flood cut
 DEFAULT_MAX_QUEUED_CONTROL_FRAMES = 1000  # Envoy's max_outbound_control_frames
 DEFAULT_MAX_FRAMES_PER_TURN = 100  # frames of one connection handed to h2 per loop turn
 DEFAULT_MAX_MESSAGES_PER_TURN = 64  # requests one connection's streams take per loop turn
@@ -85,6 +88,9 @@ class Limits:
     min_ping_interval: float | None = DEFAULT_MIN_PING_INTERVAL  # seconds, without data
     max_settings: int | None = DEFAULT_MAX_SETTINGS  # without data sent
     max_resets: int | None = DEFAULT_MAX_RESETS  # streams reset before an answer
+    # Seconds new connections from an address whose connection was cut for a flood
+    # are refused; doubled for each further cut within 5 min, 60 s at most.
+    flood_cooldown: float | None = DEFAULT_FLOOD_COOLDOWN
     max_queued_control_frames: int | None = DEFAULT_MAX_QUEUED_CONTROL_FRAMES
     max_frames_per_turn: int | None = DEFAULT_MAX_FRAMES_PER_TURN
     max_messages_per_turn: int | None = DEFAULT_MAX_MESSAGES_PER_TURN  # all its streams'
@@ -122,6 +128,7 @@ class Limits:
             "idle_timeout",
             "stream_idle_timeout",
             "tls_handshake_timeout",
+            "flood_cooldown",
         ):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -144,6 +151,7 @@ class Limits:
             max_concurrent_streams=self.max_concurrent_streams,
             idle_timeout=self.idle_timeout,
             floods=self.flood_limits(),
+            cooldown=self.flood_cooldown,
         )
 
     def flood_limits(self) -> FloodLimits:

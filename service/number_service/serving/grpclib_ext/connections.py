@@ -16,6 +16,9 @@ connection. On top of grpclib's own protocol it
   (ENHANCE_YOUR_CALM, or the protocol error) and one warning naming the peer and
   the limit; a connection error h2 finds (bad HPACK, a bad frame) gets h2's GOAWAY
   and an info line, where grpclib would drop it unsaid;
+- after a flood cut, refuses new connections from the same address for a while
+  (:mod:`.cooldown`), first of all and before any HTTP/2 set-up, with a GOAWAY
+  ENHANCE_YOUR_CALM saying so;
 - refuses request headers h2 cannot decode as ASCII with RST_STREAM(PROTOCOL_ERROR)
   (a stream error, where h2's UnicodeDecodeError escaped as a "Fatal error"
   traceback), gives an HPACK decoding error its COMPRESSION_ERROR (RFC 9113 4.3),
@@ -71,6 +74,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import math
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -92,10 +96,18 @@ from h2.settings import SettingCodes
 from h2.stream import StreamClosedBy
 from h2.utilities import SizeLimitDict
 from hpack.exceptions import HPACKError, OversizedHeaderListError
-from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, PingFrame, RstStreamFrame
+from hyperframe.frame import (
+    Frame,
+    GoAwayFrame,
+    HeadersFrame,
+    PingFrame,
+    RstStreamFrame,
+    SettingsFrame,
+)
 
 from . import lean
 from .coalesce import CoalescingTransport
+from .cooldown import Cooldown, address_key
 from .floods import FloodLimits, FrameAccounting, Verdict
 
 log = logging.getLogger(__name__)
@@ -113,12 +125,22 @@ MAX_STREAM_ID = 2**31 - 1  # the first GOAWAY's last-stream-id: every stream may
 #: 65,536; a gRPC client sends frames on a stream only until it sees its end, so the
 #: last few hundred are the ones that matter.
 CLOSED_STREAMS_KEPT = 1024
+#: Connections refused during a cool-down that are held open at once, at most, each
+#: until its client closes or CLOSE_WAIT passes (so that it reads why); more are
+#: dropped at once, so that an attacker connecting in parallel cannot fill the fds.
+COOLING_HELD = 64
 
 
 class ConnectionLimits:
     """What one server's connections may be; None: no limit."""
 
-    __slots__ = ("floods", "idle_timeout", "max_concurrent_streams", "max_connections")
+    __slots__ = (
+        "cooldown",
+        "floods",
+        "idle_timeout",
+        "max_concurrent_streams",
+        "max_connections",
+    )
 
     def __init__(
         self,
@@ -127,11 +149,13 @@ class ConnectionLimits:
         max_concurrent_streams: int | None = None,
         idle_timeout: float | None = None,
         floods: FloodLimits | None = None,
+        cooldown: float | None = None,
     ) -> None:
         self.max_connections = max_connections  # open at once
         self.max_concurrent_streams = max_concurrent_streams  # None: h2's default (100)
         self.idle_timeout = idle_timeout  # seconds without a stream before the close
         self.floods = FloodLimits() if floods is None else floods  # what frames may be
+        self.cooldown = cooldown  # seconds an address that flooded is refused, at first
 
 
 class Connections:
@@ -143,6 +167,10 @@ class Connections:
         self.refused = 0  # connections refused at the cap, in all
         self.idle_closed = 0  # connections closed by the idle timeout, in all
         self.cut = 0  # connections closed for breaking a flood limit, in all
+        self.cooled = 0  # connections refused while their address cooled down, in all
+        self.cooling = 0  # of those, held open now (COOLING_HELD at most)
+        #: The addresses whose connections were cut for a flood (see cooldown.py).
+        self.cooldown = Cooldown(limits.cooldown)
         self.closing = False  # close() was called: connections made from now on are refused
         self.draining = False  # drain() was called: connections made from now on drain
         self.drain_timeout = DRAIN_PING_TIMEOUT  # drain()'s, for those made later
@@ -247,7 +275,9 @@ class Connection(H2Protocol):
         super().__init__(handler, config, h2_config)
         self._connections = connections
         self._transport: asyncio.BaseTransport | None = None  # the socket's, not coalescing
+        self._address: str | None = None  # what it cools down as, after a flood
         self._admitted = False  # False: refused, or not yet made
+        self._cooling = False  # refused for its address's cool-down, and held open
         self._idle: asyncio.TimerHandle | None = None
         self.lost: asyncio.Future[None] | None = None  # done once the connection is gone
         self._accounting: FrameAccounting | None = None
@@ -264,10 +294,16 @@ class Connection(H2Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
-        self.lost = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.lost = loop.create_future()
         connections = self._connections
         connections.live.add(self)
         limits = connections.limits
+        self._address = address_key(transport.get_extra_info("peername"))
+        left = connections.cooldown.remaining(self._address, loop.time())
+        if left:  # first of all: before any HTTP/2 set-up, which is what it would cost
+            self._cool_off(left)
+            return
         if connections.closing:  # made after close(): a TLS handshake just done
             self._refuse("server is shutting down; try again later")
             return
@@ -309,6 +345,32 @@ class Connection(H2Protocol):
         self.handler.close()  # no stream will come: the server may forget the handler
         assert self._transport is not None
         refuse(self._transport, reason)
+
+    def _cool_off(self, left: float) -> None:
+        """Refuse a connection whose address is cooling down after a flood: SETTINGS
+        and a GOAWAY ENHANCE_YOUR_CALM saying for how long, written raw (no h2
+        connection is made for it), then a FIN; what the client still sends is read
+        and dropped (data_received) until it closes, or CLOSE_WAIT passes: closing
+        with its bytes unread would reset it, and the GOAWAY with it. Beyond
+        COOLING_HELD such connections at once, the others are closed at once."""
+        self.handler.close()
+        connections = self._connections
+        connections.cooled += 1
+        transport = cast(asyncio.Transport, self._transport)
+        log.debug(
+            "refused a connection from %s: cooling down after a flood, %.1f s left",
+            peer(transport),
+            left,
+            extra={"peer": peer(transport)},
+        )
+        transport.write(SETTINGS_FRAME + cooling_goaway(left))
+        if connections.cooling >= COOLING_HELD or not transport.can_write_eof():  # TLS
+            transport.close()
+            return
+        transport.write_eof()
+        self._cooling = True
+        connections.cooling += 1
+        self._abort_later = asyncio.get_running_loop().call_later(CLOSE_WAIT, self.abort)
 
     # --- idle timeout ------------------------------------------------------------------
 
@@ -566,19 +628,29 @@ class Connection(H2Protocol):
             verdict.reason,
         )
         frames = self._accounting.frames if self._accounting is not None else 0
-        # A flood is worth a warning; a frame too long is a broken client, like the
-        # protocol errors h2 finds.
-        level = logging.WARNING if verdict.code is ErrorCodes.ENHANCE_YOUR_CALM else logging.INFO
+        # A flood is worth a warning, and a cool-down; a frame too long is a broken
+        # client, like the protocol errors h2 finds.
+        flood = verdict.code is ErrorCodes.ENHANCE_YOUR_CALM
         log.log(
-            level,
-            "closed the connection from %s after %d frames: %s (GOAWAY %s)",
+            logging.WARNING if flood else logging.INFO,
+            "closed the connection from %s after %d frames: %s (GOAWAY %s)%s",
             peer(self._transport),
             frames,
             verdict.reason,
             verdict.code.name,
+            self._strike() if flood else "",
             extra={"peer": peer(self._transport), "limit": verdict.reason},
         )
         self._close_now()
+
+    def _strike(self) -> str:
+        """Start this connection's address's cool-down (see cooldown.py); what the
+        warning of its cut says of it."""
+        loop = asyncio.get_running_loop()
+        length = self._connections.cooldown.strike(self._address, loop.time())
+        if not length:
+            return ""
+        return f"; new connections from {self._address} refused for {length:g} s (--flood-cooldown)"
 
     def _protocol_error(self, err: ProtocolError) -> None:
         """h2 found a connection error: send its GOAWAY (or ours, if it queued none)."""
@@ -590,13 +662,14 @@ class Connection(H2Protocol):
         ):
             # h2 sent no GOAWAY (a bad preface, found before its frame loop): ours.
             goaway(self._coalescing, 0, code, str(err))
-        level = logging.WARNING if isinstance(err, DenialOfServiceError) else logging.INFO
+        flood = isinstance(err, DenialOfServiceError)
         log.log(
-            level,
-            "closed the connection from %s: %s (GOAWAY %s)",
+            logging.WARNING if flood else logging.INFO,
+            "closed the connection from %s: %s (GOAWAY %s)%s",
             peer(self._transport),
             err,
             code.name,
+            self._strike() if flood else "",
             extra={"peer": peer(self._transport)},
         )
         self._close_now()
@@ -640,6 +713,9 @@ class Connection(H2Protocol):
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)  # nothing left to drain
         self._inbound = bytearray()
+        if self._cooling:
+            self._cooling = False
+            self._connections.cooling -= 1
         if self._admitted:
             self._admitted = False
             self._connections.open -= 1
@@ -851,6 +927,18 @@ def goaway(
     debug data, to a stream ``transport``; the caller closes it, if it wants to."""
     frame = goaway_frame(last_stream_id, code, reason)
     cast(asyncio.WriteTransport, transport).write(frame.serialize())
+
+
+SETTINGS_FRAME = SettingsFrame(0).serialize()  # the server's preface, no settings changed
+
+
+def cooling_goaway(left: float) -> bytes:
+    """The GOAWAY of a connection refused while its address cools down (``left`` s)."""
+    reason = (
+        "cooling down after a flood from this address (--flood-cooldown): "
+        f"try again in {math.ceil(left)} s"
+    )
+    return goaway_frame(0, ErrorCodes.ENHANCE_YOUR_CALM, reason).serialize()
 
 
 def peer(transport: asyncio.BaseTransport | None) -> str:
