@@ -706,7 +706,8 @@ _AFTER = re.compile(r"after (\d+) frames")
 
 def table(rows: list[Row]) -> str:
     head = (
-        f"{'server':9} {'attack':18} {'cut':>11} {'cooled':>7} {'read':>5} {'bound':>5} {'sent':>9} "
+        f"{'server':9} {'attack':18} {'cut':>11} {'cooled':>7} {'read':>5} {'bound':>5} "
+        f"{'sent':>9} "
         f"{'msg/s attack/quiet':>20} {'p99 ms attack/quiet':>20} "
         f"{'RSS MiB before/peak/after':>26}  result"
     )

@@ -176,7 +176,8 @@ async def test_a_cut_address_is_refused_for_the_cooldown_and_others_carry_on(
         message
     ), message
     debug = [r for r in logged if "cooling down after a flood" in str(r.get("message"))]
-    assert len(debug) == 1 and debug[0]["level"] == "DEBUG", debug
+    assert len(debug) == 1, debug
+    assert debug[0]["level"] == "DEBUG", debug
     assert not [r for r in logged if "Traceback" in json.dumps(r)]
 
 
@@ -186,7 +187,8 @@ async def test_a_second_cut_doubles_the_cooldown(serve: ServerProcess) -> None:
     await cut(serve.port)  # let in again, and cut again
     await asyncio.sleep(COOLDOWN + 0.2)  # the first cool-down's length: not over yet
     closed, code, reason = await refused(serve.port)
-    assert closed and code == ErrorCodes.ENHANCE_YOUR_CALM, (code, reason)
+    assert closed
+    assert code == ErrorCodes.ENHANCE_YOUR_CALM, (code, reason)
     assert reason.startswith(b"cooling down"), reason
     await asyncio.sleep(COOLDOWN)  # now over: 2 x COOLDOWN since the second cut
     assert b"streams reset" in await cut(serve.port)  # let in again
@@ -228,8 +230,10 @@ async def test_refused_connections_held_open_at_once_are_bounded(
         assert live.cooling == 2
         # It sends nothing: a close with bytes unread would be a reset, GOAWAY lost.
         closed, code, reason = await refused(port, send=False)
-        assert closed and code == ErrorCodes.ENHANCE_YOUR_CALM, (code, reason)
-        assert live.cooling == 2 and live.cooled == 3
+        assert closed
+        assert code == ErrorCodes.ENHANCE_YOUR_CALM, (code, reason)
+        assert live.cooling == 2
+        assert live.cooled == 3
         for each in held:
             await each.close()
         await asyncio.sleep(0.2)
