@@ -9,7 +9,9 @@ no warning each; its connections already open carry on. Sans I/O first
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import logging
 import time
 from typing import Any
 
@@ -238,5 +240,62 @@ async def test_refused_connections_held_open_at_once_are_bounded(
             await each.close()
         await asyncio.sleep(0.2)
         assert live.cooling == 0
+    finally:
+        await built.shutdown(grace=0)
+
+
+class GoneTransport(asyncio.Transport):
+    """A client's socket reset between the refusal's GOAWAY and its FIN: the
+    kernel then answers shutdown() with ENOTCONN, as it did for 1 in ~1,000 refused
+    connections of an attacker that aborts as soon as it reads the GOAWAY."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.aborted = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 5555) if name == "peername" else default
+
+    def write(self, data: Any) -> None:
+        self.written += bytes(data)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+    def is_closing(self) -> bool:
+        return self.aborted
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.aborted = True
+
+
+async def test_a_client_gone_before_its_refusal_is_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sock = bind(HOST, 0)
+    built = build_server(limits=Limits(max_resets=RESETS, flood_cooldown=30.0))
+    await built.start(sock)
+    port = address_of(sock)[1]
+    try:
+        await cut(port)
+        assert isinstance(built.server, Server)
+        protocol = built.server._protocol_factory()  # what asyncio calls per connection
+        transport = GoneTransport()
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG):
+            protocol.connection_made(transport)  # raised OSError before the fix
+        assert b"cooling down" in transport.written
+        assert transport.aborted
+        assert built.server.connections.cooling == 0
+        protocol.connection_lost(None)
+        loud = [r for r in caplog.records if r.levelno > logging.DEBUG]
+        assert not loud, [r.getMessage() for r in loud][:3]
     finally:
         await built.shutdown(grace=0)

@@ -275,7 +275,6 @@ class Connection(H2Protocol):
         super().__init__(handler, config, h2_config)
         self._connections = connections
         self._transport: asyncio.BaseTransport | None = None  # the socket's, not coalescing
-        self._address: str | None = None  # what it cools down as, after a flood
         self._admitted = False  # False: refused, or not yet made
         self._cooling = False  # refused for its address's cool-down, and held open
         self._idle: asyncio.TimerHandle | None = None
@@ -299,11 +298,13 @@ class Connection(H2Protocol):
         connections = self._connections
         connections.live.add(self)
         limits = connections.limits
-        self._address = address_key(transport.get_extra_info("peername"))
-        left = connections.cooldown.remaining(self._address, loop.time())
-        if left:  # first of all: before any HTTP/2 set-up, which is what it would cost
-            self._cool_off(left)
-            return
+        cooldown = connections.cooldown
+        if len(cooldown):  # some address is cooling down, perhaps this one
+            address = address_key(transport.get_extra_info("peername"))
+            left = cooldown.remaining(address, loop.time())
+            if left:  # first of all: before any HTTP/2 set-up, which is what it would cost
+                self._cool_off(left)
+                return
         if connections.closing:  # made after close(): a TLS handshake just done
             self._refuse("server is shutting down; try again later")
             return
@@ -367,7 +368,11 @@ class Connection(H2Protocol):
         if connections.cooling >= COOLING_HELD or not transport.can_write_eof():  # TLS
             transport.close()
             return
-        transport.write_eof()
+        try:
+            transport.write_eof()
+        except OSError:  # reset by the client already (ENOTCONN): nothing to say
+            transport.abort()
+            return
         self._cooling = True
         connections.cooling += 1
         self._abort_later = asyncio.get_running_loop().call_later(CLOSE_WAIT, self.abort)
@@ -647,10 +652,12 @@ class Connection(H2Protocol):
         """Start this connection's address's cool-down (see cooldown.py); what the
         warning of its cut says of it."""
         loop = asyncio.get_running_loop()
-        length = self._connections.cooldown.strike(self._address, loop.time())
+        transport = self._transport
+        address = None if transport is None else address_key(transport.get_extra_info("peername"))
+        length = self._connections.cooldown.strike(address, loop.time())
         if not length:
             return ""
-        return f"; new connections from {self._address} refused for {length:g} s (--flood-cooldown)"
+        return f"; new connections from {address} refused for {length:g} s (--flood-cooldown)"
 
     def _protocol_error(self, err: ProtocolError) -> None:
         """h2 found a connection error: send its GOAWAY (or ours, if it queued none)."""
