@@ -34,6 +34,7 @@ from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server as GrpclibServer
 
+from ..listening import shut
 from .connections import Connection, ConnectionLimits, Connections
 from .handler import Handler
 from .stream import Budget, Counter, StreamLimits
@@ -145,13 +146,16 @@ class Server(GrpclibServer):
         listen backlog) are accepted first and served like the others, and so get
         the drain's GOAWAYs: closing the socket would reset them, and a client that
         had sent its request on one (nginx does at once) would see it fail, where a
-        refused connection or stream is tried again elsewhere.
+        refused connection or stream is tried again elsewhere. Before the sweep the
+        socket is shut (``listening.shut``): a connection completed between the last
+        accept() and the close would be reset too; shut, the kernel takes none.
         """
         if self._server is None:
             return
         backlog: list[socket.socket] = []
         listening = self._listening
         if listening is not None and listening.fileno() != -1:
+            shut(listening)
             listening.setblocking(False)  # asyncio's already; an accept must not wait
             while True:
                 try:
