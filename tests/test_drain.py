@@ -250,10 +250,11 @@ async def test_a_connection_made_as_the_listening_socket_closes_is_refused_not_r
     """A connection the kernel completes after the drain's last accept() and before
     the listening socket's close() would be reset by the close, its request already
     sent (nginx sends one at once, and answers that call 502: it does not retry a
-    request it has sent). The drain first makes the socket ignore new connections
-    (a drop-all socket filter: a SYN is dropped, the client sends it again and finds
-    the port closed), then accepts the backlog, then closes: such a client sees a
-    refused connection, which it can retry elsewhere (nginx does), never a reset.
+    request it has sent). The drain first has the kernel start no new handshake on
+    the socket (a socket filter drops SYNs: the client sends its SYN again a second
+    later and finds the port closed), lets those under way complete, accepts the
+    backlog, then closes: such a client sees a refused connection, which it can
+    retry elsewhere (nginx does), never a reset.
 
     Deterministic: the client connects from inside the asyncio server's close(), the
     moment between the sweep and the socket's close."""

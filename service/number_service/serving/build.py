@@ -29,7 +29,7 @@ from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.server import Server
 
-from . import grpclib_ext, tracing
+from . import grpclib_ext, listening, tracing
 from .codec import StrictCodec
 from .limits import Limits
 from .logs import log, log_stream_end
@@ -161,6 +161,10 @@ class Serving:
         # Plain grpclib has no way to stop listening alone: its close() would also
         # cancel every stream at once. Its new streams are refused (Streams.drain).
         if isinstance(self.server, grpclib_ext.Server):
+            # New handshakes first, the sweep of the backlog once those under way are
+            # in it (listening.py): closing would reset them, their requests sent.
+            if self.server.shut():
+                await asyncio.sleep(listening.SETTLE)
             self.server.stop_listening()
             await self.server.adopted(ADOPT_WAIT)
             ping_wait = min(grace, grpclib_ext.DRAIN_PING_TIMEOUT)

@@ -139,6 +139,13 @@ class Server(GrpclibServer):
         self._server = listener(self._protocol_factory)
         self._server_closed_fut = asyncio.get_running_loop().create_future()
 
+    def shut(self) -> bool:
+        """Start no new handshake on the listening socket (``listening.shut``), before
+        :meth:`stop_listening`; False if not (no socket of its own, not Linux)."""
+        if self._listening is None or self._server is None:
+            return False
+        return shut(self._listening)
+
     def stop_listening(self) -> None:
         """Refuse new connections; open ones and their streams carry on.
 
@@ -146,16 +153,15 @@ class Server(GrpclibServer):
         listen backlog) are accepted first and served like the others, and so get
         the drain's GOAWAYs: closing the socket would reset them, and a client that
         had sent its request on one (nginx does at once) would see it fail, where a
-        refused connection or stream is tried again elsewhere. Before the sweep the
-        socket is shut (``listening.shut``): a connection completed between the last
-        accept() and the close would be reset too; shut, the kernel takes none.
+        refused connection or stream is tried again elsewhere. Call :meth:`shut`
+        ``listening.SETTLE`` s before: else a connection completed between the last
+        accept() and the close, or a handshake still under way, would be reset too.
         """
         if self._server is None:
             return
         backlog: list[socket.socket] = []
         listening = self._listening
         if listening is not None and listening.fileno() != -1:
-            shut(listening)
             listening.setblocking(False)  # asyncio's already; an accept must not wait
             while True:
                 try:
