@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
+import select
 import signal
 import socket
 from collections.abc import Callable
@@ -228,6 +231,72 @@ async def test_a_connection_still_in_the_listen_backlog_is_served_not_reset() ->
         await client.close()
         if not shutdown.done():
             shutdown.cancel()
+
+
+def request_bytes() -> bytes:
+    """A client's first bytes, as nginx sends them on connecting: the preface and
+    SETTINGS, then one AccumulateNumbers stream with one number and its end."""
+    h2 = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+    h2.initiate_connection()
+    stream_id = h2.get_next_available_stream_id()
+    headers = [(":method", "POST"), (":scheme", "http"), (":path", ACCUMULATE)]
+    headers += [(":authority", HOST), ("te", "trailers"), ("content-type", "application/grpc")]
+    h2.send_headers(stream_id, headers)
+    h2.send_data(stream_id, number(5), end_stream=True)
+    return h2.data_to_send()
+
+
+async def test_a_connection_made_as_the_listening_socket_closes_is_refused_not_reset() -> None:
+    """A connection the kernel completes after the drain's last accept() and before
+    the listening socket's close() would be reset by the close, its request already
+    sent (nginx sends one at once, and answers that call 502: it does not retry a
+    request it has sent). The drain first has the kernel start no new handshake on
+    the socket (a socket filter drops SYNs: the client sends its SYN again a second
+    later and finds the port closed), lets those under way complete, accepts the
+    backlog, then closes: such a client sees a refused connection, which it can
+    retry elsewhere (nginx does), never a reset.
+
+    Deterministic: the client connects from inside the asyncio server's close(), the
+    moment between the sweep and the socket's close."""
+    sock = bind(HOST, 0)
+    built = build_server()
+    await built.start(sock)
+    server = built.server
+    assert isinstance(server, grpclib_ext.Server)
+    listener = server._server  # asyncio's Server, whose close() closes the socket
+    assert listener is not None
+    real_close = listener.close
+    port = address_of(sock)[1]
+    late = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    late.setblocking(False)
+    sent: list[bool] = []
+
+    def close_with_a_late_connection() -> None:
+        listener.close = real_close  # type: ignore[method-assign]
+        late.connect_ex((HOST, port))
+        # On loopback the kernel completes an accepted handshake at once.
+        _, writable, _ = select.select([], [late], [], 0.3)
+        if writable and late.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+            late.sendall(request_bytes())
+            sent.append(True)
+        real_close()
+
+    listener.close = close_with_a_late_connection  # type: ignore[method-assign]
+    try:
+        await asyncio.wait_for(built.shutdown(grace=5), TIMEOUT)
+        if sent:  # connected: it must not be reset (served, or closed with a FIN)
+            late.setblocking(True)
+            late.settimeout(TIMEOUT)
+            with contextlib.suppress(TimeoutError):
+                while late.recv(65536):
+                    pass
+        else:  # its SYN was dropped: sent again, it finds the port closed
+            _, writable, _ = await asyncio.to_thread(select.select, [], [late], [], TIMEOUT)
+            assert writable, "the late connection neither connected nor was refused"
+            error = late.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            assert error == errno.ECONNREFUSED, os.strerror(error)
+    finally:
+        late.close()
 
 
 async def test_a_goaway_from_the_client_leaves_its_streams_in_flight_running() -> None:

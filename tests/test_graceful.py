@@ -156,21 +156,23 @@ def roll_under_calls(
     pair: Replicas,
     gen: Grpcio,
     *,
-    through_nginx: bool = False,
+    nginx_retry_bug: bool = False,
 ) -> list[str]:
-    """Calls through a rolling restart: none may fail. ``through_nginx``: the failed
-    calls are returned instead (see the nginx test)."""
+    """Calls through a rolling restart: none may fail. With ``nginx_retry_bug``, calls
+    that ended OK with a sum missing (nginx 1.22's own bug, see the nginx test) are
+    returned instead of failing; every other failure still fails."""
     with grpc.insecure_channel(target, options=options) as channel:
         grpc.channel_ready_future(channel).result(timeout=CALL_TIMEOUT)
         stub = gen.pb2_grpc.NumberServiceStub(channel)
         with Calls(stub, gen.pb2) as calls:
             pair.roll()
         failed = calls.failed
-        if not through_nginx:
-            assert failed == [], f"{len(failed)} of {calls.ok + len(failed)} failed: {failed[:3]}"
+        lost = [f for f in failed if nginx_retry_bug and f.startswith("wrong sums")]
+        others = [f for f in failed if f not in lost]
+        assert others == [], f"{len(failed)} of {calls.ok + len(failed)} failed: {failed[:3]}"
         assert calls.ok > 50, calls.ok
     pair.check_logs()
-    return failed
+    return lost
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
@@ -188,29 +190,23 @@ def test_grpcio_through_nginx_over_a_rolling_restart_fails_no_call(
     nginx_binary: str,  # noqa: F811 - the fixture
     tmp_path: Path,
 ) -> None:
-    """No call fails: not yet true through nginx 1.22.1 (Debian 12's), so a run in
-    which calls failed is reported as xfail, naming them and nginx's log, instead of
-    failing (an open defect, README "Rolling restarts"). About 1 run in 3 here has
-    one failed call of ~10,000, of two kinds:
-
-    - nginx's own bug: when it tries a call on the next upstream after a refused
-      connect, request messages it had already taken from the client can be lost
-      (stale body buffers across the retry; fixed upstream in 2026, nginx PR #1136
-      and cd12dc4f1): the call ends OK with a sum missing;
-    - a 502, after nginx logged "Connection reset by peer while reading response
-      header" from a replica at its drain: a race in our drain, not found yet.
-    """
+    """No call fails (nginx makes a connection per call). nginx 1.22.1
+    (Debian 12's) has a bug of its own here: when it tries a call on the next
+    upstream after a refused connect, request messages it had already taken from
+    the client can be lost (stale request-body buffers across the retry; fixed
+    upstream in 2026, nginx PR #1136 and cd12dc4f1), and the call ends OK with a sum
+    missing. Such calls make this test xfail, naming them and nginx's errors (only
+    after a refused connect in nginx's log: else it is not that bug); any other
+    failure fails it, a 502 included (README "Rolling restarts")."""
     with replicas() as pair, nginx(nginx_binary, tmp_path, pair.ports) as port:
-        failed = roll_under_calls(
-            f"{HOST}:{port}", channel_options(), pair, grpcio_gen, through_nginx=True
+        lost = roll_under_calls(
+            f"{HOST}:{port}", channel_options(), pair, grpcio_gen, nginx_retry_bug=True
         )
-    if failed:
-        log = [
-            line[line.index("]") + 2 :][:160]
-            for line in (tmp_path / "error.log").read_text().splitlines()
-            if "[error]" in line
-        ]
-        pytest.xfail(f"{len(failed)} call(s) failed through nginx: {failed}; nginx: {log}")
+    if lost:
+        text = (tmp_path / "error.log").read_text()
+        assert "connect() failed (111: Connection refused)" in text, lost  # not nginx's retry
+        log = [line[line.index("]") + 2 :][:160] for line in text.splitlines() if "[error]" in line]
+        pytest.xfail(f"nginx 1.22's retry lost request messages of {lost}; nginx: {log}")
 
 
 NODE_DIR = Path(__file__).resolve().parent / "node"

@@ -29,7 +29,7 @@ from grpclib.health.check import ServiceStatus
 from grpclib.health.service import Health
 from grpclib.server import Server
 
-from . import grpclib_ext, tracing
+from . import grpclib_ext, listening, tracing
 from .codec import StrictCodec
 from .limits import Limits
 from .logs import log, log_stream_end
@@ -161,9 +161,16 @@ class Serving:
         # Plain grpclib has no way to stop listening alone: its close() would also
         # cancel every stream at once. Its new streams are refused (Streams.drain).
         if isinstance(self.server, grpclib_ext.Server):
+            ping_wait = min(grace, grpclib_ext.DRAIN_PING_TIMEOUT)
+            # No new handshake, and the sweep of the backlog only once those under
+            # way are in it (listening.py): closing would reset them, requests sent.
+            # The GOAWAYs go first: a stream opened meanwhile on a connection that
+            # had none would be let in, where clients expect it refused.
+            if self.server.shut():
+                self.server.connections.begin_drain(ping_wait)
+                await asyncio.sleep(listening.SETTLE)
             self.server.stop_listening()
             await self.server.adopted(ADOPT_WAIT)
-            ping_wait = min(grace, grpclib_ext.DRAIN_PING_TIMEOUT)
             await self.server.connections.drain(ping_wait)
             # Connections asyncio accepted just before the socket closed get their
             # protocol a turn or more later, and drain at once when they do: wait for

@@ -219,6 +219,14 @@ class Connections:
         for connection in list(self.live):
             connection.close()
 
+    def begin_drain(self, timeout: float = DRAIN_PING_TIMEOUT) -> None:
+        """The first half of :meth:`drain`, at once: every connection (and each made
+        from now on) gets its first GOAWAY and PING; nothing is waited for."""
+        self.draining = True
+        self.drain_timeout = timeout
+        for connection in list(self.live):
+            connection.drain(timeout)
+
     async def drain(self, timeout: float = DRAIN_PING_TIMEOUT) -> None:
         """Begin the graceful close of every connection (:meth:`Connection.drain`);
         return once each has sent its second GOAWAY, the one with its real last stream
@@ -229,10 +237,7 @@ class Connections:
         so one accepted just before the listening socket closed may come now, its
         request already sent. Refusing it would close it unread (a TCP reset) and
         fail that request."""
-        self.draining = True
-        self.drain_timeout = timeout
-        for connection in list(self.live):
-            connection.drain(timeout)
+        self.begin_drain(timeout)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout + CLOSE_WAIT  # each connection has its timer
         while (pending := [f for f in self._drains if not f.done()]) and (

@@ -34,6 +34,7 @@ from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
 from grpclib.protocol import H2Protocol
 from grpclib.server import Server as GrpclibServer
 
+from ..listening import shut
 from .connections import Connection, ConnectionLimits, Connections
 from .handler import Handler
 from .stream import Budget, Counter, StreamLimits
@@ -138,6 +139,13 @@ class Server(GrpclibServer):
         self._server = listener(self._protocol_factory)
         self._server_closed_fut = asyncio.get_running_loop().create_future()
 
+    def shut(self) -> bool:
+        """Start no new handshake on the listening socket (``listening.shut``), before
+        :meth:`stop_listening`; False if not (no socket of its own, not Linux)."""
+        if self._listening is None or self._server is None:
+            return False
+        return shut(self._listening)
+
     def stop_listening(self) -> None:
         """Refuse new connections; open ones and their streams carry on.
 
@@ -145,7 +153,9 @@ class Server(GrpclibServer):
         listen backlog) are accepted first and served like the others, and so get
         the drain's GOAWAYs: closing the socket would reset them, and a client that
         had sent its request on one (nginx does at once) would see it fail, where a
-        refused connection or stream is tried again elsewhere.
+        refused connection or stream is tried again elsewhere. Call :meth:`shut`
+        ``listening.SETTLE`` s before: else a connection completed between the last
+        accept() and the close, or a handshake still under way, would be reset too.
         """
         if self._server is None:
             return
