@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import resource
+import select
 import signal
+import socket
+import sys
 from collections import Counter
 
 import pytest
 from grpclib.client import Stream
+from processes import HOST
 from scraping import Scraped, scrape
+from test_drain import request_bytes
 from test_workers import (
     METRICS_LINE,
     TIMEOUT,
@@ -34,6 +40,8 @@ from test_workers import (
     worker_pids,
 )
 
+from number_service import server
+from number_service.serving import supervisor
 from number_service.serving.balance import Balancer
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
@@ -296,3 +304,58 @@ def test_the_balancer_counts_no_close_below_zero() -> None:
     balancer.gone(0)
     balancer.closed(0)
     assert balancer.open == [0, 0]
+
+
+async def test_a_connection_made_as_the_parent_stops_listening_is_refused_not_reset() -> None:
+    """The parent of ``--workers`` closes its listening socket when told to stop: a
+    connection the kernel completed just before would be reset, its request already
+    sent (nginx then answers 502). As a single server's drain does (listening.py),
+    the parent has the kernel start no new handshake, hands out what completes, and
+    only then closes: such a client is refused, and tries elsewhere.
+
+    Deterministic: the client connects from inside the parent's close."""
+    config = server.ServeConfig(host=HOST, port=0, workers=2, grace=5)  # number-service's
+    command = [sys.executable, "-m", "number_service", "serve", "--host", HOST]
+    parent = supervisor.Supervisor(config, command)
+    assert parent.handing  # the parent accepts (the plain-grpclib fallback would not)
+    real_stop = parent._stop_accepting
+    late = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    late.setblocking(False)
+    sent: list[bool] = []
+
+    def stop_with_a_late_connection() -> None:
+        parent._stop_accepting = real_stop  # type: ignore[method-assign]
+        if parent._listener is not None:
+            late.connect_ex(parent._listener.getsockname())
+            # On loopback the kernel completes a handshake it takes at once.
+            _, writable, _ = select.select([], [late], [], 0.3)
+            if writable and late.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+                late.sendall(request_bytes())
+                sent.append(True)
+        real_stop()
+
+    parent._stop_accepting = stop_with_a_late_connection  # type: ignore[method-assign]
+    running = asyncio.create_task(parent.run())
+    try:
+        async with asyncio.timeout(TIMEOUT * 3):
+            while not parent._listening:
+                assert not running.done(), f"the parent stopped: {parent.failure}"
+                await asyncio.sleep(0.05)
+        parent._on_signal()
+        assert await asyncio.wait_for(running, TIMEOUT * 3) == 0
+        if sent:  # connected: it must not be reset (served, or closed with a FIN)
+            late.setblocking(True)
+            late.settimeout(TIMEOUT)
+            with contextlib.suppress(TimeoutError):
+                while late.recv(65536):
+                    pass
+        else:  # its SYN was dropped: sent again, it finds the port closed
+            _, writable, _ = await asyncio.to_thread(select.select, [], [late], [], TIMEOUT)
+            assert writable, "the late connection neither connected nor was refused"
+            error = late.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            assert error == errno.ECONNREFUSED, os.strerror(error)
+    finally:
+        late.close()
+        if not running.done():
+            parent._stop.set()
+            await asyncio.wait_for(running, TIMEOUT * 3)

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
-from . import grpclib_ext
+from . import grpclib_ext, listening
 from .balance import Balancer
 from .handoff import BATCH, Handoff, channel_env, channel_pair
 from .logs import log
@@ -255,7 +255,7 @@ class Supervisor:
                 asyncio.create_task(self._keep(slot, port, metrics_dir)) for slot in self.slots
             ]
             await self._stop.wait()
-            self._stop_accepting()
+            await self._close_listener()
             await self._stop_workers(tasks)
         finally:
             self._stop_accepting()
@@ -397,6 +397,19 @@ class Supervisor:
         if self._listener is not None and self._accepting:
             self._accepting = False
             asyncio.get_running_loop().remove_reader(self._listener.fileno())
+
+    async def _close_listener(self) -> None:
+        """Stop taking connections without resetting one the kernel completed: no new
+        handshake from now on (``listening.shut``), those under way complete and are
+        handed out as usual for ``listening.SETTLE`` s, the backlog is swept, then the
+        socket closes (closing it at once reset them, and a request nginx had sent on
+        one became a 502). A worker is told to drain only after this."""
+        listener = self._listener
+        if listener is not None and listening.shut(listener):
+            await asyncio.sleep(listening.SETTLE)
+            if self._accepting:
+                self._accept()  # what came since the reader last ran
+        self._stop_accepting()
 
     def _stop_accepting(self) -> None:
         """Close the parent's listening socket: connections are refused from now on
