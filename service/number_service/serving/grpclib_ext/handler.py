@@ -68,12 +68,11 @@ async def request_handler(
     forget: Callable[[protocol.Stream], None] | None = None,
 ) -> None:
     """Handle one request (see the module docstring for what differs from grpclib's);
-    ``forget(h2_stream)`` is called at the very end, with ``release_stream()``."""
+    ``forget(h2_stream)`` is called at the very end, with ``release_stream()``.
+
+    ``headers`` must have passed :func:`malformed` (``Handler.accept`` resets a
+    stream whose headers do not, without starting a task for it)."""
     try:
-        if malformed(headers) is not None:
-            if h2_stream.closable:
-                h2_stream.reset_nowait(ErrorCodes.PROTOCOL_ERROR)
-            return
         headers_map = dict(headers)
         method = headers_map[":method"]
         method_name = headers_map[":path"]
@@ -216,14 +215,13 @@ _SCHEMES = frozenset(("http", "https"))
 _CONNECTION_SPECIFIC = frozenset(
     ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade")
 )
-_BAD_IN_VALUES = ("\x00", "\r", "\n")
 
 
 def malformed(headers: _Headers) -> str | None:
     """What makes request ``headers`` malformed (RFC 9113 sections 8.2, 8.3.1), or
     None. h2 would check most of this, but grpclib turns its validation off (and h2
     makes it a connection error, where a malformed request is a stream error)."""
-    seen: set[str] = set()
+    pseudo: dict[str, str] = {}
     regular = False
     for name, value in headers:
         if not name:
@@ -233,25 +231,24 @@ def malformed(headers: _Headers) -> str | None:
                 return f"{name} after a regular header"
             if name not in _PSEUDO:
                 return f"unknown pseudo-header {name}"
-            if name in seen:
+            if name in pseudo:
                 return f"{name} twice"
-            seen.add(name)
+            pseudo[name] = value
         else:
             regular = True
             if name != name.lower():
                 return f"upper-case header name {name!r}"
             if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
                 return f"connection-specific header {name}"
-        if any(bad in value for bad in _BAD_IN_VALUES):
+        if "\x00" in value or "\r" in value or "\n" in value:
             return f"NUL, CR or LF in {name}"
     for name in _REQUIRED:
-        if name not in seen:
+        if name not in pseudo:
             return f"no {name}"
-    values = dict(headers)
-    if not values[":path"] or not values[":method"]:
+    if not pseudo[":path"] or not pseudo[":method"]:
         return "an empty :path or :method"
-    if values[":scheme"] not in _SCHEMES:
-        return f":scheme {values[':scheme']!r}"
+    if pseudo[":scheme"] not in _SCHEMES:
+        return f":scheme {pseudo[':scheme']!r}"
     return None
 
 
@@ -280,7 +277,9 @@ class Handler(grpclib_server.Handler):
         release_stream: Callable[[], Any],
     ) -> None:
         self.__gc_step__()
-        if malformed(headers) is not None:  # no task for a stream reset at once
+        # The one check of the headers (request_handler relies on it): a malformed
+        # request gets no task, only its RST_STREAM.
+        if malformed(headers) is not None:
             stream.reset_nowait(ErrorCodes.PROTOCOL_ERROR)
             release_stream()
             return
