@@ -200,9 +200,10 @@ class Streams:
         if record := self.current():
             record.received += received
             record.sent += sent
-            record.received_now = received
-            record.sent_now = sent
-            self.on_messages.notify(record)
+            if self.on_messages:  # none by default: metrics fold the totals in
+                record.received_now = received
+                record.sent_now = sent
+                self.on_messages.notify(record)
 
     def current(self) -> StreamRecord | None:
         """The record of the stream whose handler task is running now, if any."""
