@@ -94,7 +94,6 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self._children: dict[tuple[str, str], _Children] = {}
-        self._folded: dict[int, tuple[int, int]] = {}  # id(record) -> messages folded in
         self._streams: Streams | None = None
         self._timer: asyncio.TimerHandle | None = None
         self.registry = CollectorRegistry() if registry is None else registry
@@ -146,15 +145,17 @@ class Metrics:
             self._fold(record)
 
     def _fold(self, record: StreamRecord) -> None:
-        received, sent = self._folded.get(id(record), (0, 0))
-        if record.received == received and record.sent == sent:
-            return
-        children = self._of(record)
-        if record.received > received:
-            children.received.inc(record.received - received)
-        if record.sent > sent:
-            children.sent.inc(record.sent - sent)
-        self._folded[id(record)] = (record.received, record.sent)
+        """Add the record's messages not counted yet (``counted_*`` say which are)."""
+        received = record.received - record.counted_received
+        sent = record.sent - record.counted_sent
+        if received or sent:
+            children = self._of(record)
+            if received:
+                children.received.inc(received)
+                record.counted_received = record.received
+            if sent:
+                children.sent.inc(sent)
+                record.counted_sent = record.sent
 
     def _of(self, record: StreamRecord) -> _Children:
         """The metrics' children for the record's method, looked up once per method:
@@ -190,12 +191,8 @@ class Metrics:
             self._timer = asyncio.get_running_loop().call_later(FOLD_INTERVAL, self._tick)
 
     def _end(self, record: StreamRecord) -> None:
+        self._fold(record)
         children = self._of(record)
-        received, sent = self._folded.pop(id(record), (0, 0))
-        if record.received > received:
-            children.received.inc(record.received - received)
-        if record.sent > sent:
-            children.sent.inc(record.sent - sent)
         children.in_flight.dec()
         code = GO_CODE_NAMES[record.status or Status.UNKNOWN]
         handled = children.handled.get(code)
