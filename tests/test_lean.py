@@ -12,11 +12,13 @@ from typing import Any
 
 import pytest
 from grpclib.protocol import Buffer
+from grpclib.utils import Wrapper
 from rawh2 import H2Client, grpc_message
 
 from number_service import NumberClient
 from number_service.codec import decode_int32_field, encode_int32_field
 from number_service.pytest_plugin import RunningServer
+from number_service.serving.grpclib_ext.lean import LeanBuffer, LeanWrapper
 
 TIMEOUT = 10.0
 
@@ -55,7 +57,10 @@ async def feed_and_read(buffer: Buffer, chunks: list[bytes], sizes: list[int]) -
     """Feed ``chunks`` (then the end) while reading ``sizes``; what was read, and the
     credit given back, in order."""
     acked: list[int] = []
-    buffer._ack_callback = acked.append
+    if isinstance(buffer, LeanBuffer):
+        buffer._connection = Acked(acked)
+    else:
+        buffer._ack_callback = acked.append
 
     async def feed() -> None:
         for chunk in chunks:
@@ -82,10 +87,18 @@ async def test_the_lean_buffer_reads_as_grpclibs(seed: int) -> None:
     if total - sum(sizes):
         sizes.append(total - sum(sizes))
     sizes += [0, 5]  # and reads at the end: b''
-    from number_service.serving.grpclib_ext.lean import LeanBuffer
-
     expected = await feed_and_read(Buffer(lambda n: None), chunks, sizes)
-    assert await feed_and_read(LeanBuffer(lambda n: None), chunks, sizes) == expected
+    assert await feed_and_read(LeanBuffer(Acked([]), 1), chunks, sizes) == expected
+
+
+class Acked:
+    """A connection that notes the credit given back (LeanBuffer's Acker)."""
+
+    def __init__(self, acked: list[int]) -> None:
+        self.acked = acked
+
+    def ack(self, stream_id: int, size: int) -> None:
+        self.acked.append(size)
 
 
 def handler_tasks(server: RunningServer) -> list[asyncio.Task[None]]:
@@ -208,3 +221,33 @@ async def test_streams_stalled_on_the_connection_window_go_on_when_it_opens(
             assert reply.grpc_status == 0, reply
             sums = [decode_int32_field(m) for m in reply.messages]
             assert sums == list(itertools.accumulate(numbers))
+
+
+@pytest.mark.parametrize("stubborn", [False, True])
+async def test_the_lean_wrapper_cancels_as_grpclibs(stubborn: bool) -> None:
+    """LeanWrapper (a tuple where grpclib's Wrapper has a set) behaves as grpclib's:
+    cancel() cancels the task inside it, which raises the error at the exit;
+    cancel_failed says whether the task swallowed its cancellation; entering after
+    the cancel raises the error at once."""
+    outcomes = []
+    for wrapper in (Wrapper(), LeanWrapper()):
+
+        async def inside(wrapper: Wrapper = wrapper) -> str:
+            with wrapper:
+                try:
+                    await asyncio.sleep(10)
+                except asyncio.CancelledError:
+                    if not stubborn:
+                        raise
+            return "not cancelled"
+
+        task = asyncio.create_task(inside())
+        await asyncio.sleep(0)
+        wrapper.cancel(TimeoutError("Deadline exceeded"))
+        with pytest.raises(TimeoutError, match="Deadline exceeded"):
+            await asyncio.wait_for(task, 5)
+        with pytest.raises(TimeoutError, match="Deadline exceeded"), wrapper:
+            pass
+        outcomes.append((wrapper.cancelled, wrapper.cancel_failed))
+    assert outcomes[0] == (True, stubborn)
+    assert outcomes[1] == outcomes[0]

@@ -251,6 +251,33 @@ async def test_metrics_show_streams_in_flight(
         assert metrics[("grpc_server_msg_received_total", key)] == 2
 
 
+async def test_an_open_streams_messages_reach_the_registry_without_a_scrape(
+    number_server: RunningServer, number_server_client: NumberClient
+) -> None:
+    """Message counters are folded in per stream (not per message), but an open
+    stream's messages still reach the registry within a few seconds when nothing
+    scrapes our endpoint: what a worker's multiprocess files (read by the supervisor)
+    and any other exposition of the registry see."""
+    registry = number_server.instance.metrics.registry
+    labels = {
+        "grpc_type": "bidi_stream",
+        "grpc_service": SERVICE,
+        "grpc_method": "AccumulateNumbers",
+    }
+
+    def value(name: str) -> float:
+        return registry.get_sample_value(name, labels) or 0.0
+
+    async with number_server_client.session() as session:
+        assert [await session.add(n) for n in (1, 2, 3)] == [1, 3, 6]
+        await eventually(lambda: value("grpc_server_msg_received_total") == 3, timeout=TIMEOUT)
+        assert value("grpc_server_msg_sent_total") == 3
+        assert await session.add(4) == 10
+    await eventually(lambda: not number_server.instance.streams.live())
+    assert value("grpc_server_msg_received_total") == 4  # the rest folded in at its end
+    assert value("grpc_server_msg_sent_total") == 4
+
+
 # --- logs -------------------------------------------------------------------------------
 
 

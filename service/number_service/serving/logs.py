@@ -132,6 +132,8 @@ def log_stream_end(record: StreamRecord) -> None:
         level = logging.DEBUG
     else:
         level = logging.INFO
+    if not stream_log.isEnabledFor(level):  # as log() would, before its fields are made
+        return
     stream_log.log(
         level,
         "stream ended",

@@ -45,7 +45,7 @@ _TYPES = {
 }
 
 
-@dataclass
+@dataclass(slots=True)  # one per open stream: no __dict__ (~100 B less each)
 class StreamRecord:
     """What is known of one server stream; ``status`` is None until it ends."""
 
@@ -61,6 +61,9 @@ class StreamRecord:
     message: str | None = None
     ended: float | None = None
     cancelled: bool = False  # the handler was cancelled (client went away, or deadline)
+    # Of ``received`` and ``sent``, those the metrics' counters hold already (Metrics).
+    counted_received: int = 0
+    counted_sent: int = 0
 
     @property
     def service(self) -> str:
@@ -184,13 +187,13 @@ class Streams:
             self._drained_live += 1
             self._quiet.clear()
         task.add_done_callback(self._task_done)
-        event.method_func = _watched(event.method_func, record, self.shutdown_message)
+        event.method_func = _Watched(event.method_func, record, self.shutdown_message)
         self.on_start.notify(record)
 
     async def _send_trailers(self, event: events.SendTrailingMetadata) -> None:
         if record := self.current():
             if record.cancelled and event.status is Status.UNKNOWN:
-                return  # a cancelled stream's would-be trailers; see _watched
+                return  # a cancelled stream's would-be trailers; see _Watched
             record.status = event.status
             record.message = event.status_message
 
@@ -200,9 +203,10 @@ class Streams:
         if record := self.current():
             record.received += received
             record.sent += sent
-            record.received_now = received
-            record.sent_now = sent
-            self.on_messages.notify(record)
+            if self.on_messages:  # none by default: metrics fold the totals in
+                record.received_now = received
+                record.sent_now = sent
+                self.on_messages.notify(record)
 
     def current(self) -> StreamRecord | None:
         """The record of the stream whose handler task is running now, if any."""
@@ -243,29 +247,40 @@ class Streams:
         return len(left)
 
 
-def _watched(
-    method_func: Callable[[Any], Awaitable[None]], record: StreamRecord, shutdown_message: str
-) -> Any:
+class _Watched:
     """The handler, noting a cancellation, and turning the drain's into UNAVAILABLE.
 
     When a client cancels or disconnects, grpclib cancels the handler and then
     reports trailers of UNKNOWN "Internal Server Error" that never reach the
     client; ``cancelled`` lets the record say CANCELLED instead. A deadline
     cancels the handler too, but its DEADLINE_EXCEEDED is real and kept.
+
+    One per open stream: a slotted object (~56 B), where a closure over the same
+    three values was a function and its cells (~216 B, tracemalloc).
     """
 
-    async def handle(stream: Any) -> None:
+    __slots__ = ("method_func", "record", "shutdown_message")
+
+    def __init__(
+        self,
+        method_func: Callable[[Any], Awaitable[None]],
+        record: StreamRecord,
+        shutdown_message: str,
+    ) -> None:
+        self.method_func = method_func
+        self.record = record
+        self.shutdown_message = shutdown_message
+
+    async def __call__(self, stream: Any) -> None:
         try:
-            await method_func(stream)
+            await self.method_func(stream)
         except asyncio.CancelledError as err:
             task = asyncio.current_task()
             if err.args != (_SHUTDOWN,) or task is None:
-                record.cancelled = True
+                self.record.cancelled = True
                 raise
             task.uncancel()
-            raise GRPCError(Status.UNAVAILABLE, shutdown_message) from None
-
-    return handle
+            raise GRPCError(Status.UNAVAILABLE, self.shutdown_message) from None
 
 
 _MAPPED = "::ffff:"  # how an IPv4 peer of a dual-stack IPv6 socket appears

@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from grpclib import const, protocol
 from grpclib import server as grpclib_server
@@ -42,9 +42,10 @@ from grpclib.encoding.proto import ProtoCodec
 from grpclib.events import _DispatchServerEvents
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.metadata import Deadline, decode_metadata
-from grpclib.utils import DeadlineWrapper, Wrapper
+from grpclib.utils import Wrapper
 from h2.errors import ErrorCodes
 
+from .lean import LeanWrapper
 from .stream import BatchingStream, Budget, Counter, StreamLimits, Turn
 
 log = logging.getLogger("grpclib.server")  # grpclib's own logger, as its handler's
@@ -68,93 +69,52 @@ async def request_handler(
     forget: Callable[[protocol.Stream], None] | None = None,
 ) -> None:
     """Handle one request (see the module docstring for what differs from grpclib's);
-    ``forget(h2_stream)`` is called at the very end, with ``release_stream()``."""
+    ``forget(h2_stream)`` is called at the very end, with ``release_stream()``.
+
+    ``headers`` must have passed :func:`malformed` (``Handler.accept`` resets a
+    stream whose headers do not, without starting a task for it)."""
     try:
-        if malformed(headers) is not None:
-            if h2_stream.closable:
-                h2_stream.reset_nowait(ErrorCodes.PROTOCOL_ERROR)
+        # The checks are a function of their own: this coroutine's frame lives as
+        # long as the stream, and each of its local variables is a slot in it.
+        route = _route(mapping, headers, codec)
+        # Let the request's header list (h2's decoded name and value strings, ~1.7 KB) go.
+        del headers
+        if isinstance(route, _Refusal):
+            await grpclib_server._abort(h2_stream, *route)
             return
-        headers_map = dict(headers)
-        method = headers_map[":method"]
-        method_name = headers_map[":path"]
-        if method != "POST":
-            await grpclib_server._abort(h2_stream, 405)
-            return
-
-        content_type = headers_map.get("content-type")
-        if content_type is None:
-            await grpclib_server._abort(
-                h2_stream, 415, Status.UNKNOWN, "Missing content-type header"
-            )
-            return
-
-        base_content_type, _, sub_type = content_type.partition("+")
-        sub_type = sub_type or ProtoCodec.__content_subtype__
-        if base_content_type != GRPC_CONTENT_TYPE or sub_type != codec.__content_subtype__:
-            await grpclib_server._abort(
-                h2_stream, 415, Status.UNKNOWN, "Unacceptable content-type header"
-            )
-            return
-
-        if headers_map.get("te") != "trailers":
-            await grpclib_server._abort(
-                h2_stream, 400, Status.UNKNOWN, 'Required "te: trailers" header is missing'
-            )
-            return
-
-        handler = mapping.get(method_name)
-        if handler is None:
-            await grpclib_server._abort(h2_stream, 200, Status.UNIMPLEMENTED, "Method not found")
-            return
-
-        try:
-            deadline = Deadline.from_headers(headers)
-        except ValueError:
-            await grpclib_server._abort(
-                h2_stream, 200, Status.UNKNOWN, "Invalid grpc-timeout header"
-            )
-            return
-
-        metadata = decode_metadata(headers)
-        user_agent = headers_map.get("user-agent")
-        # The frame of this coroutine lives as long as the stream: let the request's
-        # header list (h2's decoded name and value strings, ~1.7 KB) go now.
-        del headers, headers_map, method, base_content_type, sub_type
+        deadline = route.deadline
 
         stream: BatchingStream[Any, Any] = BatchingStream(
             h2_stream,
-            method_name,
-            handler.cardinality,
-            handler.request_type,
-            handler.reply_type,
+            route.method_name,
+            route.handler.cardinality,
+            route.handler.request_type,
+            route.handler.reply_type,
             codec=codec,
             status_details_codec=status_details_codec,
             dispatch=dispatch,
             deadline=deadline,
-            user_agent=user_agent,
+            user_agent=route.user_agent,
             limits=limits,
             counter=counter,
             budget=budget,
             turn=turn,
         )
         async with stream:
-            wrapper: Wrapper
-            if deadline is None:
-                wrapper = h2_stream.wrapper = Wrapper()
-            else:
-                wrapper = h2_stream.wrapper = DeadlineWrapper()
+            # grpclib's Wrapper() or DeadlineWrapper() (their start() is not used).
+            wrapper = h2_stream.wrapper = LeanWrapper()
             timer: asyncio.TimerHandle | None = None  # the deadline's, once armed
             try:
                 stream.metadata, method_func = await dispatch.recv_request(
-                    metadata,
-                    handler.func,
-                    method_name=method_name,
+                    route.metadata,
+                    route.handler.func,
+                    method_name=route.method_name,
                     deadline=deadline,
-                    content_type=content_type,
-                    user_agent=user_agent,
+                    content_type=route.content_type,
+                    user_agent=route.user_agent,
                     peer=stream.peer,
                 )
-                del content_type
+                del route  # its content-type string, say
                 if deadline is not None:
                     remaining = deadline.time_remaining()
                     if not remaining:
@@ -204,6 +164,59 @@ async def request_handler(
             forget(h2_stream)
 
 
+class _Route(NamedTuple):
+    """What a stream's request headers say, once they pass :func:`_route`."""
+
+    handler: const.Handler
+    method_name: str
+    deadline: Deadline | None
+    metadata: Any  # grpclib's decode_metadata(headers): a MultiDict
+    user_agent: str | None
+    content_type: str
+
+
+class _Refusal(NamedTuple):
+    """The answer to a request that is refused: ``grpclib.server._abort``'s arguments."""
+
+    h2_status: int
+    grpc_status: Status | None = None
+    grpc_message: str | None = None
+
+
+def _route(
+    mapping: dict[str, const.Handler], headers: _Headers, codec: CodecBase
+) -> _Route | _Refusal:
+    """grpclib's request_handler's checks of the request headers, in its order."""
+    headers_map = dict(headers)
+    if headers_map[":method"] != "POST":
+        return _Refusal(405)
+    content_type = headers_map.get("content-type")
+    if content_type is None:
+        return _Refusal(415, Status.UNKNOWN, "Missing content-type header")
+    base_content_type, _, sub_type = content_type.partition("+")
+    sub_type = sub_type or ProtoCodec.__content_subtype__
+    if base_content_type != GRPC_CONTENT_TYPE or sub_type != codec.__content_subtype__:
+        return _Refusal(415, Status.UNKNOWN, "Unacceptable content-type header")
+    if headers_map.get("te") != "trailers":
+        return _Refusal(400, Status.UNKNOWN, 'Required "te: trailers" header is missing')
+    method_name = headers_map[":path"]
+    handler = mapping.get(method_name)
+    if handler is None:
+        return _Refusal(200, Status.UNIMPLEMENTED, "Method not found")
+    try:
+        deadline = Deadline.from_headers(headers)
+    except ValueError:
+        return _Refusal(200, Status.UNKNOWN, "Invalid grpc-timeout header")
+    return _Route(
+        handler,
+        method_name,
+        deadline,
+        decode_metadata(headers),
+        headers_map.get("user-agent"),
+        content_type,
+    )
+
+
 def _expire(wrapper: Wrapper) -> None:
     """The deadline is over: what grpclib's ``DeadlineWrapper.start`` timer does."""
     wrapper.cancel(TimeoutError("Deadline exceeded"))
@@ -216,14 +229,13 @@ _SCHEMES = frozenset(("http", "https"))
 _CONNECTION_SPECIFIC = frozenset(
     ("connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade")
 )
-_BAD_IN_VALUES = ("\x00", "\r", "\n")
 
 
 def malformed(headers: _Headers) -> str | None:
     """What makes request ``headers`` malformed (RFC 9113 sections 8.2, 8.3.1), or
     None. h2 would check most of this, but grpclib turns its validation off (and h2
     makes it a connection error, where a malformed request is a stream error)."""
-    seen: set[str] = set()
+    pseudo: dict[str, str] = {}
     regular = False
     for name, value in headers:
         if not name:
@@ -233,25 +245,24 @@ def malformed(headers: _Headers) -> str | None:
                 return f"{name} after a regular header"
             if name not in _PSEUDO:
                 return f"unknown pseudo-header {name}"
-            if name in seen:
+            if name in pseudo:
                 return f"{name} twice"
-            seen.add(name)
+            pseudo[name] = value
         else:
             regular = True
             if name != name.lower():
                 return f"upper-case header name {name!r}"
             if name in _CONNECTION_SPECIFIC or (name == "te" and value != "trailers"):
                 return f"connection-specific header {name}"
-        if any(bad in value for bad in _BAD_IN_VALUES):
+        if "\x00" in value or "\r" in value or "\n" in value:
             return f"NUL, CR or LF in {name}"
     for name in _REQUIRED:
-        if name not in seen:
+        if name not in pseudo:
             return f"no {name}"
-    values = dict(headers)
-    if not values[":path"] or not values[":method"]:
+    if not pseudo[":path"] or not pseudo[":method"]:
         return "an empty :path or :method"
-    if values[":scheme"] not in _SCHEMES:
-        return f":scheme {values[':scheme']!r}"
+    if pseudo[":scheme"] not in _SCHEMES:
+        return f":scheme {pseudo[':scheme']!r}"
     return None
 
 
@@ -280,7 +291,9 @@ class Handler(grpclib_server.Handler):
         release_stream: Callable[[], Any],
     ) -> None:
         self.__gc_step__()
-        if malformed(headers) is not None:  # no task for a stream reset at once
+        # The one check of the headers (request_handler relies on it): a malformed
+        # request gets no task, only its RST_STREAM.
+        if malformed(headers) is not None:
             stream.reset_nowait(ErrorCodes.PROTOCOL_ERROR)
             release_stream()
             return

@@ -12,6 +12,8 @@ stream's ~16.5 KB (``python -m benchmarks.memory``). Here:
   and which waits for flow-control window on a future of its own: a WINDOW_UPDATE
   for the connection wakes the streams waiting for window, not every stream of the
   connection (grpclib sets every stream's Event);
+- :class:`LeanWrapper` is grpclib's ``Wrapper`` with the tasks inside it in a tuple
+  (a stream's holds one task; grpclib's set is 216 B), using its private ``_error``;
 - :func:`install` has a connection's grpclib ``EventsProcessor`` make its streams
   as :class:`LeanStream` (and wake them as above), and makes its h2 connection a
   :class:`LeanH2Connection`:
@@ -36,8 +38,8 @@ grpclib's ``__init__`` does. From h2: the h2 connection's class is changed in pl
 from __future__ import annotations
 
 import asyncio
-from functools import partial
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol
 
 from grpclib.protocol import (
     AckedData,
@@ -56,20 +58,29 @@ from h2.exceptions import StreamClosedError, StreamIDTooLowError
 from h2.settings import SettingCodes
 from hyperframe.frame import Frame, RstStreamFrame
 
-__all__ = ["LeanBuffer", "LeanH2Connection", "LeanStream", "install"]
+__all__ = ["LeanBuffer", "LeanH2Connection", "LeanStream", "LeanWrapper", "install"]
+
+
+class Acker(Protocol):
+    """What gives a stream's flow-control credit back: grpclib's ``Connection``."""
+
+    def ack(self, stream_id: int, size: int) -> None: ...
 
 
 class LeanBuffer(Buffer):
     """grpclib's ``Buffer``: the received DATA of one stream, with its flow-control
     credit, read in order; no Queue: a list, and a future only while a reader waits."""
 
-    def __init__(self, ack_callback: Any) -> None:
+    def __init__(self, connection: Acker, stream_id: int) -> None:
+        """Credit goes back as ``connection.ack(stream_id, size)`` (grpclib's Buffer takes
+        ``partial(connection.ack, stream_id)``: a partial and a bound method per stream)."""
         # Not Buffer.__init__: it makes the Queue and the deque this class does without.
-        self._ack_callback = ack_callback
+        self._connection = connection
+        self._stream_id = stream_id
         self._eof = False
         self._chunks: list[UnackedData] = []  # received, not yet read
         self._waiter: asyncio.Future[None] | None = None  # made by a reader that waits
-        self._read: list[AckedData] = []  # read() only: taken, acked, not yet returned
+        self._read: list[AckedData] | None = None  # read() only: taken, acked, not returned
         self._acked_size = 0
 
     def add(self, data: bytes, ack_size: int) -> None:
@@ -93,7 +104,7 @@ class LeanBuffer(Buffer):
 
     def ack(self, size: int) -> None:
         """Give ``size`` bytes of flow-control credit back to the client."""
-        self._ack_callback(size)
+        self._connection.ack(self._stream_id, size)
 
     def take(self) -> list[UnackedData]:
         """Every chunk received and not yet taken, at once (no wait, no credit given)."""
@@ -118,15 +129,18 @@ class LeanBuffer(Buffer):
         assert size >= 0, "Size can not be negative"
         if size == 0:
             return b""
+        read = self._read
+        if read is None:
+            read = self._read = []
         if not self._eof or self._chunks:
             while self._acked_size < size:
                 await self.wait()
                 data, data_size, ack_size = self._chunks.pop(0)
                 if not ack_size:
                     break
-                self._read.append(AckedData(memoryview(data), data_size))
+                read.append(AckedData(memoryview(data), data_size))
                 self._acked_size += data_size
-                self._ack_callback(ack_size)
+                self.ack(ack_size)
         if self._eof and self._acked_size == 0:
             return b""
         if self._acked_size < size:
@@ -134,16 +148,16 @@ class LeanBuffer(Buffer):
         chunks = []
         chunks_size = 0
         while chunks_size < size:
-            next_chunk, next_chunk_size = self._read[0]
+            next_chunk, next_chunk_size = read[0]
             if chunks_size + next_chunk_size <= size:
                 chunks.append(next_chunk)
                 chunks_size += next_chunk_size
-                self._read.pop(0)
+                read.pop(0)
             else:
                 offset = size - chunks_size
                 chunks.append(next_chunk[:offset])
                 chunks_size += offset
-                self._read[0] = AckedData(next_chunk[offset:], next_chunk_size - offset)
+                read[0] = AckedData(next_chunk[offset:], next_chunk_size - offset)
         self._acked_size -= size
         return b"".join(chunks)
 
@@ -151,6 +165,48 @@ class LeanBuffer(Buffer):
         """The credit of every chunk not yet read; those chunks are dropped (as grpclib's)."""
         chunks = self.take()
         return sum(chunk.ack_size for chunk in chunks)
+
+
+class LeanWrapper(Wrapper):
+    """grpclib's ``Wrapper`` (``cancel(error)`` cancels every task inside it, which then
+    raises ``error``), holding those tasks in a tuple: a stream's wrapper holds one,
+    its handler's, and grpclib's empty ``set`` alone is 216 B per open stream. No
+    ``start()``: the handler arms the deadline itself (``handler._expire``). It keeps
+    grpclib's private ``_error`` (the error to raise), as grpclib's own methods do."""
+
+    def __init__(self) -> None:
+        # Not Wrapper.__init__: its set.
+        self._inside: tuple[asyncio.Task[Any], ...] = ()
+
+    def __enter__(self) -> None:
+        if self._error is not None:
+            raise self._error
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("Called not inside a task")
+        self._inside = (*self._inside, task)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        task = asyncio.current_task()
+        assert task
+        inside = list(self._inside)
+        if task in inside:
+            inside.remove(task)
+        self._inside = tuple(inside)
+        if self._error is not None:
+            self.cancel_failed = exc_type is not asyncio.CancelledError
+            raise self._error
+
+    def cancel(self, error: Exception) -> None:
+        self._error = error
+        for task in self._inside:
+            task.cancel()
+        self.cancelled = True
 
 
 class LeanStream(Stream):
@@ -181,7 +237,7 @@ class LeanStream(Stream):
 
     def init_stream(self, stream_id: int, connection: Connection) -> None:
         super().init_stream(stream_id, connection)
-        self.buffer = LeanBuffer(partial(connection.ack, stream_id))
+        self.buffer = LeanBuffer(connection, stream_id)
 
     def _event(self, name: str) -> asyncio.Event:
         events = self._events
