@@ -37,11 +37,14 @@ from processes import (
 from number_service import INT32_MAX, INT32_MIN, NumberClient
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server() -> Iterator[int]:
     """A ``number-service serve`` on 127.0.0.1:<free port>; yields the port.
 
-    Teardown sends SIGTERM and requires exit code 0 within a few seconds.
+    One for the module: the server keeps nothing from one stream to the next, and
+    each start and stop costs a second or two of a loaded CI machine (19 uses).
+    Teardown sends SIGTERM and requires exit code 0 within a few seconds, and no
+    traceback in anything the server logged for any of the tests.
     """
     srv = start_server()
     try:
