@@ -50,6 +50,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -355,7 +356,7 @@ class Attacked:
     unfinished: int = 0  # connections still open when the attack's time was up
     frames_sent: int = 0  # frames written (the socket took them)
     goaways: list[tuple[int, str]] = field(default_factory=list)  # (code, debug data)
-    peers: list[str] = field(default_factory=list)  # the attacker's addresses, not cooled
+    peers: list[str] = field(default_factory=list)  # the attacker's addresses
 
 
 #: How the GOAWAY of a connection refused during a cool-down begins (connections.py).
@@ -387,6 +388,7 @@ async def attack_once(port: int, attack: Attack, until: float, result: Attacked)
     reader, writer = await asyncio.wait_for(asyncio.open_connection(HOST, port), CONNECT_TIMEOUT)
     local = writer.get_extra_info("sockname")
     result.connections += 1
+    result.peers.append(f"{local[0]}:{local[1]}")
     received = bytearray()
     closed = asyncio.Event()
 
@@ -419,8 +421,9 @@ async def attack_once(port: int, attack: Attack, until: float, result: Attacked)
                 await asyncio.wait_for(writer.drain(), max(0.01, until - time.monotonic()))
             except TimeoutError:
                 break
-            except ConnectionError:
-                closed.set()
+            except ConnectionError:  # the reader (below) takes what came before
+                if reading is None:
+                    closed.set()
                 break
             result.frames_sent += _frames_in(batch)
             # drain() does not yield while the socket takes every byte at once (on 3.12
@@ -444,10 +447,8 @@ async def attack_once(port: int, attack: Attack, until: float, result: Attacked)
     goaway = _goaway(bytes(received))
     if goaway is not None and goaway[1].startswith(COOLING):
         result.cooled += 1
-    else:
-        result.peers.append(f"{local[0]}:{local[1]}")
-        if goaway is not None:
-            result.goaways.append(goaway)
+    elif goaway is not None:
+        result.goaways.append(goaway)
     if closed.is_set():
         result.cut += 1
     else:
@@ -678,14 +679,19 @@ def _judge(
         # The last connection may still be open when the time is up (cut or not).
         if attacked.cut < attacked.connections - 1 or not attacked.cut:
             fail(f"{attacked.connections - attacked.cut} attacker connection(s) not cut")
-        cut = attacked.cut - attacked.cooled  # the others were refused, not cut
-        if not cut <= len(cuts) <= attacked.connections or len(warnings) != len(cuts):
-            fail(f"{len(warnings)} warnings for {cut} connections cut")
-        for record, peer in zip(cuts, attacked.peers, strict=False):
+        # Connections refused in a cool-down get no warning; the attacker may not
+        # have read the GOAWAY that says so (it does not read, or its socket was
+        # reset first), so "cooled" is at least what it saw.
+        most = attacked.connections - attacked.cooled
+        if not 1 <= len(cuts) <= most or len(warnings) != len(cuts):
+            fail(f"{len(warnings)} warnings for {most} connections cut, at most")
+        peers = Counter(attacked.peers)
+        for record in cuts:
             message = str(record.get("message"))
-            if record.get("peer") != peer or attack.limit not in message:
-                fail(f"warning does not name {peer} and {attack.limit}: {message}")
+            if peers[str(record.get("peer"))] < 1 or attack.limit not in message:
+                fail(f"warning names no attacker connection and {attack.limit}: {message}")
                 break
+            peers[str(record.get("peer"))] -= 1  # one warning per connection at most
         read = [int(m.group(1)) for r in cuts if (m := _AFTER.search(str(r.get("message"))))]
         row.most_read = max(read) if read else None
         if row.most_read is None or (attack.bound is not None and row.most_read > attack.bound):
