@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import resource
-import select
 import signal
 import socket
 import sys
@@ -26,7 +24,7 @@ import pytest
 from grpclib.client import Stream
 from processes import HOST
 from scraping import Scraped, scrape
-from test_drain import request_bytes
+from test_drain import assert_refused_not_reset, connect_late
 from test_workers import (
     METRICS_LINE,
     TIMEOUT,
@@ -326,12 +324,7 @@ async def test_a_connection_made_as_the_parent_stops_listening_is_refused_not_re
     def stop_with_a_late_connection() -> None:
         parent._stop_accepting = real_stop  # type: ignore[method-assign]
         if parent._listener is not None:
-            late.connect_ex(parent._listener.getsockname())
-            # On loopback the kernel completes a handshake it takes at once.
-            _, writable, _ = select.select([], [late], [], 0.3)
-            if writable and late.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-                late.sendall(request_bytes())
-                sent.append(True)
+            sent.append(connect_late(late, parent._listener.getsockname()))
         real_stop()
 
     parent._stop_accepting = stop_with_a_late_connection  # type: ignore[method-assign]
@@ -343,17 +336,8 @@ async def test_a_connection_made_as_the_parent_stops_listening_is_refused_not_re
                 await asyncio.sleep(0.05)
         parent._on_signal()
         assert await asyncio.wait_for(running, TIMEOUT * 3) == 0
-        if sent:  # connected: it must not be reset (served, or closed with a FIN)
-            late.setblocking(True)
-            late.settimeout(TIMEOUT)
-            with contextlib.suppress(TimeoutError):
-                while late.recv(65536):
-                    pass
-        else:  # its SYN was dropped: sent again, it finds the port closed
-            _, writable, _ = await asyncio.to_thread(select.select, [], [late], [], TIMEOUT)
-            assert writable, "the late connection neither connected nor was refused"
-            error = late.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            assert error == errno.ECONNREFUSED, os.strerror(error)
+        assert len(sent) == 1, "the listening socket was not closed"
+        await assert_refused_not_reset(late, sent[0])
     finally:
         late.close()
         if not running.done():

@@ -8,6 +8,7 @@ the virtualenv that runs the tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import os
 import signal
@@ -335,7 +336,10 @@ def test_accumulate_exits_on_a_failed_call_while_stdin_is_open(
         reap(proc)
 
 
-def test_accumulate_exits_on_sigint_while_stdin_is_open(server: int) -> None:
+@contextlib.contextmanager
+def accumulating_from_stdin(server: int) -> Iterator[tuple[subprocess.Popen[str], Lines]]:
+    """``accumulate -`` with stdin left open, once it has answered a first number;
+    the process and its stderr's lines. Reaped at the end."""
     proc = popen("accumulate", "--port", str(server), "-")
     try:
         assert proc.stdin is not None
@@ -345,6 +349,13 @@ def test_accumulate_exits_on_sigint_while_stdin_is_open(server: int) -> None:
         proc.stdin.write("3\n")
         proc.stdin.flush()
         assert out.get() == "3\n"
+        yield proc, err
+    finally:
+        reap(proc)
+
+
+def test_accumulate_exits_on_sigint_while_stdin_is_open(server: int) -> None:
+    with accumulating_from_stdin(server) as (proc, err):
         proc.send_signal(signal.SIGINT)
         try:
             code = proc.wait(EXIT_TIMEOUT)
@@ -352,8 +363,6 @@ def test_accumulate_exits_on_sigint_while_stdin_is_open(server: int) -> None:
             pytest.fail(f"accumulate still running {EXIT_TIMEOUT} s after SIGINT")
         assert code != 0
         assert "Traceback" not in err.rest()
-    finally:
-        reap(proc)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -379,15 +388,7 @@ def test_accumulate_leaves_at_once_on_sigint(server: int) -> None:
     """Ctrl-C costs the command next to no CPU: on a loaded machine every ms of it is
     several of waiting. The interpreter's full teardown (some 430 modules) cost it
     50-130 ms, and a CI run saw accumulate still running 5 s after SIGINT."""
-    proc = popen("accumulate", "--port", str(server), "-")
-    try:
-        assert proc.stdin is not None
-        assert proc.stdout is not None
-        assert proc.stderr is not None
-        out, err = Lines(proc.stdout), Lines(proc.stderr)
-        proc.stdin.write("3\n")
-        proc.stdin.flush()
-        assert out.get() == "3\n"
+    with accumulating_from_stdin(server) as (proc, err):
         time.sleep(0.2)  # the first sum's work done: the CPU counted is the exit's
         before = _cpu_seconds(proc.pid)
         proc.send_signal(signal.SIGINT)
@@ -395,8 +396,6 @@ def test_accumulate_leaves_at_once_on_sigint(server: int) -> None:
         assert proc.returncode == 130
         assert err.rest() == "number-service: interrupted\n"
         assert spent < 0.03, f"accumulate used {spent * 1000:.0f} ms of CPU after SIGINT"
-    finally:
-        reap(proc)
 
 
 # --- help and version -----------------------------------------------------------------

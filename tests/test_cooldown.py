@@ -9,10 +9,12 @@ no warning each; its connections already open carry on. Sans I/O first
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -210,6 +212,20 @@ async def test_with_the_cooldown_off_a_cut_address_comes_straight_back() -> None
         reap(srv.proc)
 
 
+@contextlib.asynccontextmanager
+async def cooling_server() -> AsyncIterator[tuple[Server, int]]:
+    """An in-process server whose first cut cools its address down for 30 s; it and
+    its port."""
+    sock = bind(HOST, 0)
+    built = build_server(limits=Limits(max_resets=RESETS, flood_cooldown=30.0))
+    await built.start(sock)
+    assert isinstance(built.server, Server)
+    try:
+        yield built.server, address_of(sock)[1]
+    finally:
+        await built.shutdown(grace=0)
+
+
 async def test_refused_connections_held_open_at_once_are_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -217,18 +233,13 @@ async def test_refused_connections_held_open_at_once_are_bounded(
     next is closed at once (its GOAWAY still written): an attacker that connects in
     parallel cannot make the server hold a socket for each."""
     monkeypatch.setattr(connections, "COOLING_HELD", 2)
-    sock = bind(HOST, 0)
-    built = build_server(limits=Limits(max_resets=RESETS, flood_cooldown=30.0))
-    await built.start(sock)
-    port = address_of(sock)[1]
-    try:
+    async with cooling_server() as (server, port):
         await cut(port)
         held = [await RawSocket.connect(port) for _ in range(2)]
         for each in held:  # refused, FIN sent, held open until the client closes
             got = await each.read(lambda r: r.goaway() is not None)
             assert got.goaway() is not None
-        assert isinstance(built.server, Server)
-        live = built.server.connections
+        live = server.connections
         assert live.cooling == 2
         # It sends nothing: a close with bytes unread would be a reset, GOAWAY lost.
         closed, code, reason = await refused(port, send=False)
@@ -240,8 +251,6 @@ async def test_refused_connections_held_open_at_once_are_bounded(
             await each.close()
         await asyncio.sleep(0.2)
         assert live.cooling == 0
-    finally:
-        await built.shutdown(grace=0)
 
 
 class GoneTransport(asyncio.Transport):
@@ -279,23 +288,16 @@ class GoneTransport(asyncio.Transport):
 async def test_a_client_gone_before_its_refusal_is_no_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    sock = bind(HOST, 0)
-    built = build_server(limits=Limits(max_resets=RESETS, flood_cooldown=30.0))
-    await built.start(sock)
-    port = address_of(sock)[1]
-    try:
+    async with cooling_server() as (server, port):
         await cut(port)
-        assert isinstance(built.server, Server)
-        protocol = built.server._protocol_factory()  # what asyncio calls per connection
+        protocol = server._protocol_factory()  # what asyncio calls per connection
         transport = GoneTransport()
         caplog.clear()
         with caplog.at_level(logging.DEBUG):
             protocol.connection_made(transport)  # raised OSError before the fix
         assert b"cooling down" in transport.written
         assert transport.aborted
-        assert built.server.connections.cooling == 0
+        assert server.connections.cooling == 0
         protocol.connection_lost(None)
         loud = [r for r in caplog.records if r.levelno > logging.DEBUG]
         assert not loud, [r.getMessage() for r in loud][:3]
-    finally:
-        await built.shutdown(grace=0)

@@ -208,13 +208,7 @@ async def test_a_connection_still_in_the_listen_backlog_is_served_not_reset() ->
     await built.start(sock)
     port = address_of(sock)[1]
     raw = socket.create_connection((HOST, port), timeout=TIMEOUT)  # blocks the loop: unaccepted
-    h2 = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
-    h2.initiate_connection()
-    stream_id = h2.get_next_available_stream_id()
-    headers = [(":method", "POST"), (":scheme", "http"), (":path", ACCUMULATE)]
-    headers += [(":authority", HOST), ("te", "trailers"), ("content-type", "application/grpc")]
-    h2.send_headers(stream_id, headers)
-    h2.send_data(stream_id, number(5), end_stream=True)
+    h2, stream_id = one_request()
     raw.sendall(h2.data_to_send())
     shutdown = asyncio.create_task(built.shutdown(grace=5))  # runs before the accept
     client = H2Client(RawSocket(*await asyncio.open_connection(sock=raw)))
@@ -233,9 +227,10 @@ async def test_a_connection_still_in_the_listen_backlog_is_served_not_reset() ->
             shutdown.cancel()
 
 
-def request_bytes() -> bytes:
-    """A client's first bytes, as nginx sends them on connecting: the preface and
-    SETTINGS, then one AccumulateNumbers stream with one number and its end."""
+def one_request() -> tuple[H2Connection, int]:
+    """A client's h2 connection holding its first bytes, as nginx sends them on
+    connecting: the preface and SETTINGS, then one AccumulateNumbers stream with one
+    number and its end; and that stream's id."""
     h2 = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
     h2.initiate_connection()
     stream_id = h2.get_next_available_stream_id()
@@ -243,7 +238,41 @@ def request_bytes() -> bytes:
     headers += [(":authority", HOST), ("te", "trailers"), ("content-type", "application/grpc")]
     h2.send_headers(stream_id, headers)
     h2.send_data(stream_id, number(5), end_stream=True)
-    return h2.data_to_send()
+    return h2, stream_id
+
+
+def request_bytes() -> bytes:
+    """The bytes of :func:`one_request`."""
+    return one_request()[0].data_to_send()
+
+
+def connect_late(late: socket.socket, address: tuple[str, int]) -> bool:
+    """Connect ``late`` (non-blocking) to ``address`` and, if the kernel completes the
+    handshake at once (as on loopback when it takes it), send :func:`request_bytes`;
+    whether it did."""
+    late.connect_ex(address)
+    _, writable, _ = select.select([], [late], [], 0.3)
+    if writable and late.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
+        late.sendall(request_bytes())
+        return True
+    return False
+
+
+async def assert_refused_not_reset(late: socket.socket, sent: bool) -> None:
+    """A connection made as a listening socket closed: if it connected (``sent``), it
+    is served or closed with a FIN, never reset; if its SYN was dropped, sent again it
+    finds the port closed."""
+    if sent:
+        late.setblocking(True)
+        late.settimeout(TIMEOUT)
+        with contextlib.suppress(TimeoutError):
+            while late.recv(65536):  # a reset raises ConnectionResetError
+                pass
+    else:
+        _, writable, _ = await asyncio.to_thread(select.select, [], [late], [], TIMEOUT)
+        assert writable, "the late connection neither connected nor was refused"
+        error = late.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        assert error == errno.ECONNREFUSED, os.strerror(error)
 
 
 async def test_a_connection_made_as_the_listening_socket_closes_is_refused_not_reset() -> None:
@@ -273,28 +302,14 @@ async def test_a_connection_made_as_the_listening_socket_closes_is_refused_not_r
 
     def close_with_a_late_connection() -> None:
         listener.close = real_close  # type: ignore[method-assign]
-        late.connect_ex((HOST, port))
-        # On loopback the kernel completes an accepted handshake at once.
-        _, writable, _ = select.select([], [late], [], 0.3)
-        if writable and late.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0:
-            late.sendall(request_bytes())
-            sent.append(True)
+        sent.append(connect_late(late, (HOST, port)))
         real_close()
 
     listener.close = close_with_a_late_connection  # type: ignore[method-assign]
     try:
         await asyncio.wait_for(built.shutdown(grace=5), TIMEOUT)
-        if sent:  # connected: it must not be reset (served, or closed with a FIN)
-            late.setblocking(True)
-            late.settimeout(TIMEOUT)
-            with contextlib.suppress(TimeoutError):
-                while late.recv(65536):
-                    pass
-        else:  # its SYN was dropped: sent again, it finds the port closed
-            _, writable, _ = await asyncio.to_thread(select.select, [], [late], [], TIMEOUT)
-            assert writable, "the late connection neither connected nor was refused"
-            error = late.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            assert error == errno.ECONNREFUSED, os.strerror(error)
+        assert len(sent) == 1, "the listening socket was not closed"
+        await assert_refused_not_reset(late, sent[0])
     finally:
         late.close()
 
@@ -351,13 +366,7 @@ async def test_a_connection_made_once_the_drain_began_is_drained_not_refused() -
         await busy.read_until(lambda: len(busy.goaways) == 2)
 
         ours, theirs = socket.socketpair()
-        h2 = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
-        h2.initiate_connection()
-        stream_id = h2.get_next_available_stream_id()
-        headers = [(":method", "POST"), (":scheme", "http"), (":path", ACCUMULATE)]
-        headers += [(":authority", HOST), ("te", "trailers"), ("content-type", "application/grpc")]
-        h2.send_headers(stream_id, headers)
-        h2.send_data(stream_id, number(5), end_stream=True)
+        h2, stream_id = one_request()
         ours.sendall(h2.data_to_send())
         theirs.setblocking(False)
         loop = asyncio.get_running_loop()
