@@ -8,7 +8,8 @@ for readiness). The drain's GOAWAYs take the replica out of the client's round
 robin, streams that still reach it are refused with REFUSED_STREAM and retried by
 the client on the other replica (grpcio's transparent retry), and the calls in
 flight finish: not one call fails. Then the same through nginx, with ``--workers 2``,
-with grpc-js (node) and with the Go load client. Real processes on 127.0.0.1 only.
+with grpc-js (node) and with grpc-go (the benchmarks' Go load client, round_robin).
+Real processes on 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -286,3 +287,44 @@ def test_the_go_load_client_sees_both_goaways_and_no_stream_fails(loadgen: Path)
         assert log.count("status=OK") >= 8, log
     finally:
         reap(server.proc)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_go_load_client_round_robin_over_a_rolling_restart_fails_no_stream(
+    loadgen: Path, workers: str
+) -> None:
+    """grpc-go (round_robin over both replicas, 2 connections, short lock-step streams
+    from THREADS goroutines, every sum and every OK checked) through a rolling restart
+    of both: each connection to a draining replica gets GOAWAY 2^31-1, then its real
+    last stream id unless grpc-go, with no stream open on it, has closed it first;
+    and not one stream fails (the load client stops at its first failure)."""
+    with replicas("--workers", workers) as pair:
+        proc = subprocess.Popen(
+            [
+                str(loadgen),
+                *("-addr", ",".join(f"{HOST}:{port}" for port in pair.ports)),
+                *("-mode", "short", "-goaways", "-per-stream", "3"),
+                *("-streams", str(THREADS), "-conns", "2"),
+                *("-warmup", "0", "-seconds", "600"),  # until SIGINT
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            pair.roll()
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=CALL_TIMEOUT + 10)
+        finally:
+            reap(proc)
+    assert proc.returncode == 0, err or out
+    result = json.loads(out)
+    assert result.get("error") is None, result
+    assert result["streams_done"] > 50, result
+    goaways = result["goaways"]
+    first = goaways.count(2**31 - 1)  # one per connection drained: 2 per replica
+    real = [last for last in goaways if last != 2**31 - 1]
+    assert first >= 4, goaways
+    assert 0 < len(real) <= first, goaways
+    assert all(0 < last < 2**31 - 1 and last % 2 for last in real), goaways
+    pair.check_logs()

@@ -16,6 +16,11 @@
 // process and the server (read from /proc/PID/stat) spent in the window. With
 // -goaways, also the last-stream-id of every GOAWAY the server sent, read from the
 // bytes of each connection (grpc-go says nothing of them): what a drain sends.
+//
+// -addr may name several servers (comma-separated): each connection then balances
+// its streams round robin over all of them (grpc-go's round_robin policy, a manual
+// resolver), as a client of replicas does. SIGINT or SIGTERM ends the measured
+// window early: the run then stops and reports as at the end of -seconds.
 package main
 
 import (
@@ -28,6 +33,7 @@ import (
 	"io/ioutil"
 	"net"
 	"os"
+	"os/signal"
 	"sort"
 	"strconv"
 	"strings"
@@ -37,7 +43,10 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/encoding"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
 )
 
 const method = "/tutorial.NumberService/AccumulateNumbers"
@@ -386,7 +395,7 @@ func percentile(sorted []time.Duration, p float64) float64 {
 }
 
 func main() {
-	addr := flag.String("addr", "127.0.0.1:50051", "server host:port")
+	addr := flag.String("addr", "127.0.0.1:50051", "server host:port, or several comma-separated (round robin)")
 	mode := flag.String("mode", "stream", "pingpong, stream, concurrent, short or pipelined-many")
 	seconds := flag.Float64("seconds", 5, "measured seconds")
 	warmup := flag.Float64("warmup", 1, "seconds of load before measuring")
@@ -426,10 +435,26 @@ func main() {
 				return &frameReader{Conn: conn, log: log}, nil
 			}))
 	}
+	target := *addr
+	if addrs := strings.Split(*addr, ","); len(addrs) > 1 {
+		replicas := manual.NewBuilderWithScheme("replicas")
+		state := resolver.State{}
+		for _, a := range addrs {
+			state.Addresses = append(state.Addresses, resolver.Address{Addr: a})
+		}
+		replicas.InitialState(state)
+		target = "replicas:///" + *addr
+		// Reconnect soon after a replica is back (grpc-go's backoff starts at 1 s).
+		retry := backoff.DefaultConfig
+		retry.BaseDelay, retry.MaxDelay = 100*time.Millisecond, 500*time.Millisecond
+		dialOpts = append(dialOpts, grpc.WithResolvers(replicas),
+			grpc.WithDefaultServiceConfig(`{"loadBalancingConfig": [{"round_robin": {}}]}`),
+			grpc.WithConnectParams(grpc.ConnectParams{Backoff: retry}))
+	}
 	ccs := make([]*grpc.ClientConn, nConns)
 	for i := range ccs {
 		dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
-		cc, err := grpc.DialContext(dctx, *addr, dialOpts...)
+		cc, err := grpc.DialContext(dctx, target, dialOpts...)
 		dcancel()
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "loadgen: cannot connect to %s: %v\n", *addr, err)
@@ -459,10 +484,14 @@ func main() {
 		}(ccs[s%nConns])
 	}
 
+	signals, interrupted := make(chan os.Signal, 1), make(chan struct{})
+	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	go func() { <-signals; close(interrupted) }()
 	sleepOrStop := func(d float64) {
 		select {
 		case <-time.After(time.Duration(d * float64(time.Second))):
 		case <-r.stop:
+		case <-interrupted:
 		}
 	}
 	sleepOrStop(*warmup)
