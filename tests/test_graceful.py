@@ -209,8 +209,11 @@ def grpc_js() -> list[str]:
     return [node, str(NODE_DIR / "calls.js")]
 
 
-def test_grpc_js_round_robin_over_a_rolling_restart_fails_no_call(grpc_js: list[str]) -> None:
-    with replicas() as pair:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_grpc_js_round_robin_over_a_rolling_restart_fails_no_call(
+    grpc_js: list[str], workers: str
+) -> None:
+    with replicas("--workers", workers) as pair:
         target = "ipv4:" + ",".join(f"{HOST}:{port}" for port in pair.ports)
         proc = subprocess.Popen(
             [*grpc_js, target, str(THREADS)],
