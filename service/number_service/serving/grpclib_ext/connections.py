@@ -109,6 +109,7 @@ from . import lean
 from .coalesce import CoalescingTransport
 from .cooldown import Cooldown, address_key
 from .floods import FloodLimits, FrameAccounting, Verdict
+from .handler import Handler
 
 log = logging.getLogger(__name__)
 
@@ -247,13 +248,13 @@ class Connections:
         self._drains = [f for f in self._drains if not f.done()]
 
     def handler_tasks(self) -> list[asyncio.Task[Any]]:
-        """The stream handlers' tasks of every connection, started or not: grpclib's
-        ``Handler._tasks`` (it has no public view of them; grpclib #148)."""
+        """The stream handlers' tasks of every connection that are not done, started
+        or not (:meth:`.handler.Handler.open_tasks`)."""
         return [
             task
             for connection in self.live
-            for task in getattr(connection.handler, "_tasks", {}).values()
-            if not task.done()
+            if isinstance(connection.handler, Handler)
+            for task in connection.handler.open_tasks()
         ]
 
     async def wait_closed(self, timeout: float = CLOSE_WAIT) -> None:
