@@ -103,7 +103,7 @@ class Acked:
 
 def handler_tasks(server: RunningServer) -> list[asyncio.Task[None]]:
     """The stream tasks the server's connection handlers hold."""
-    return [t for h in server.server._handlers for t in h._tasks.values()]
+    return [t for h in server.server._handlers for t in h.open_tasks()]
 
 
 async def test_an_idle_streams_handler_keeps_no_request_headers(

@@ -109,6 +109,7 @@ from . import lean
 from .coalesce import CoalescingTransport
 from .cooldown import Cooldown, address_key
 from .floods import FloodLimits, FrameAccounting, Verdict
+from .handler import Handler
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +126,10 @@ MAX_STREAM_ID = 2**31 - 1  # the first GOAWAY's last-stream-id: every stream may
 #: 65,536; a gRPC client sends frames on a stream only until it sees its end, so the
 #: last few hundred are the ones that matter.
 CLOSED_STREAMS_KEPT = 1024
-#: Connections refused during a cool-down that are held open at once, at most, each
-#: until its client closes or CLOSE_WAIT passes (so that it reads why); more are
-#: dropped at once, so that an attacker connecting in parallel cannot fill the fds.
+#: Connections refused (during a cool-down, at the connection cap, after close()) that
+#: are held open at once, at most, each until its client closes or CLOSE_WAIT passes
+#: (so that it reads why); more are dropped at once, so that an attacker connecting
+#: in parallel cannot fill the fds.
 COOLING_HELD = 64
 
 
@@ -168,7 +170,7 @@ class Connections:
         self.idle_closed = 0  # connections closed by the idle timeout, in all
         self.cut = 0  # connections closed for breaking a flood limit, in all
         self.cooled = 0  # connections refused while their address cooled down, in all
-        self.cooling = 0  # of those, held open now (COOLING_HELD at most)
+        self.cooling = 0  # refused connections held open now (COOLING_HELD at most)
         #: The addresses whose connections were cut for a flood (see cooldown.py).
         self.cooldown = Cooldown(limits.cooldown)
         self.closing = False  # close() was called: connections made from now on are refused
@@ -247,13 +249,13 @@ class Connections:
         self._drains = [f for f in self._drains if not f.done()]
 
     def handler_tasks(self) -> list[asyncio.Task[Any]]:
-        """The stream handlers' tasks of every connection, started or not: grpclib's
-        ``Handler._tasks`` (it has no public view of them; grpclib #148)."""
+        """The stream handlers' tasks of every connection that are not done, started
+        or not (:meth:`.handler.Handler.open_tasks`)."""
         return [
             task
             for connection in self.live
-            for task in getattr(connection.handler, "_tasks", {}).values()
-            if not task.done()
+            if isinstance(connection.handler, Handler)
+            for task in connection.handler.open_tasks()
         ]
 
     async def wait_closed(self, timeout: float = CLOSE_WAIT) -> None:
@@ -348,28 +350,34 @@ class Connection(H2Protocol):
             self._watch_idle()
 
     def _refuse(self, reason: str) -> None:
-        self.handler.close()  # no stream will come: the server may forget the handler
-        assert self._transport is not None
-        refuse(self._transport, reason)
+        """Refuse a connection (no stream processed) with a GOAWAY NO_ERROR naming
+        ``reason``: see :meth:`_turn_away`."""
+        self._turn_away(SETTINGS_FRAME + goaway_frame(0, ErrorCodes.NO_ERROR, reason).serialize())
 
     def _cool_off(self, left: float) -> None:
-        """Refuse a connection whose address is cooling down after a flood: SETTINGS
-        and a GOAWAY ENHANCE_YOUR_CALM saying for how long, written raw (no h2
-        connection is made for it), then a FIN; what the client still sends is read
-        and dropped (data_received) until it closes, or CLOSE_WAIT passes: closing
-        with its bytes unread would reset it, and the GOAWAY with it. Beyond
-        COOLING_HELD such connections at once, the others are closed at once."""
-        self.handler.close()
-        connections = self._connections
-        connections.cooled += 1
-        transport = cast(asyncio.Transport, self._transport)
+        """Refuse a connection whose address is cooling down after a flood, with a
+        GOAWAY ENHANCE_YOUR_CALM saying for how long: see :meth:`_turn_away`."""
+        self._connections.cooled += 1
+        transport = self._transport
         log.debug(
             "refused a connection from %s: cooling down after a flood, %.1f s left",
             peer(transport),
             left,
             extra={"peer": peer(transport)},
         )
-        transport.write(SETTINGS_FRAME + cooling_goaway(left))
+        self._turn_away(SETTINGS_FRAME + cooling_goaway(left))
+
+    def _turn_away(self, frames: bytes) -> None:
+        """Refuse this connection before any HTTP/2 set-up (which is what it would
+        cost): ``frames``, SETTINGS and a GOAWAY, written raw (no h2 connection is made
+        for it), then a FIN; what the client still sends is read and dropped
+        (data_received) until it closes, or CLOSE_WAIT passes: closing with its bytes
+        unread (its preface, at least) would reset it, and the GOAWAY with it. Beyond
+        COOLING_HELD such connections at once, the others are closed at once."""
+        self.handler.close()  # no stream will come: the server may forget the handler
+        connections = self._connections
+        transport = cast(asyncio.Transport, self._transport)
+        transport.write(frames)
         if connections.cooling >= COOLING_HELD or not transport.can_write_eof():  # TLS
             transport.close()
             return
@@ -960,14 +968,3 @@ def peer(transport: asyncio.BaseTransport | None) -> str:
         return "unknown"
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
-def refuse(transport: asyncio.BaseTransport, reason: str) -> None:
-    """Tell a client to go away (no stream was processed) because of ``reason``, then
-    close. Public h2 API only: a fresh h2 connection writes SETTINGS and the GOAWAY."""
-    h2 = H2Connection(H2Configuration(client_side=False))
-    h2.initiate_connection()
-    h2.close_connection(ErrorCodes.NO_ERROR, reason.encode(), last_stream_id=0)
-    assert isinstance(transport, asyncio.WriteTransport)
-    transport.write(h2.data_to_send())
-    transport.close()

@@ -284,6 +284,11 @@ class Handler(grpclib_server.Handler):
         per_turn = limits.messages_per_turn
         self.turn = None if per_turn is None else Turn(per_turn)  # their share of a loop turn
 
+    def open_tasks(self) -> list[asyncio.Task[Any]]:
+        """The tasks of this connection's streams that are not done, started or not:
+        grpclib's ``Handler._tasks``, which it has no public view of (grpclib #148)."""
+        return [task for task in self._tasks.values() if not task.done()]
+
     def accept(
         self,
         stream: protocol.Stream,
