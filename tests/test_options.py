@@ -15,7 +15,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from number_service.serving import Limits, ServeConfig, options
+from number_service.serving import Limits, ServeConfig, options, settings
 
 SERVING = Path(options.__file__).resolve().parent
 FLAG = re.compile(r"--[a-z][a-z-]*")
@@ -51,8 +51,8 @@ def _strings_outside_docstrings(tree: ast.AST) -> list[ast.Constant]:
 
 def test_the_layers_messages_take_flag_names_from_the_table() -> None:
     """No string of the layer's code outside options.py spells a flag out (a status,
-    a log line, the supervisor's worker command): each calls ``options.flag``, so a
-    flag renamed in the table cannot leave a stale message behind."""
+    a log line, the supervisor's worker command): each calls ``settings.flag``, so a
+    flag renamed there cannot leave a stale message behind."""
     spelt = [
         f"{path.relative_to(SERVING)}:{node.lineno}: {node.value!r}"
         for path in sources()
@@ -61,6 +61,30 @@ def test_the_layers_messages_take_flag_names_from_the_table() -> None:
         if FLAG.search(str(node.value))
     ]
     assert spelt == []
+
+
+def test_every_flag_a_message_takes_is_one_a_serve_command_has() -> None:
+    """``settings.flag(setting)`` only spells a name: each setting the layer's code
+    names with it is one a serve option sets (a misspelt one would name no flag)."""
+    called = {
+        (path.name, node.args[0].value)
+        for path in sources()
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "flag"
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+    }
+    assert len(called) > 10, called  # the statuses, the log lines, the supervisor
+    settings_ = {option.setting for option in options.OPTIONS}
+    assert {(name, setting) for name, setting in called if setting not in settings_} == set()
+
+
+def test_each_flag_is_its_settings_name_with_dashes() -> None:
+    assert options.flag("max_connections") == settings.flag("max_connections")
+    assert settings.flag("max_connections") == "--max-connections"
+    assert [o.flag for o in options.OPTIONS] == [settings.flag(o.setting) for o in options.OPTIONS]
 
 
 def test_the_table_covers_every_setting_of_limits_and_serve_config() -> None:

@@ -25,7 +25,7 @@ from . import healthcheck, server
 from .accumulator import check_int32
 from .client import NumberClient
 from .serving import logs, metrics, options, supervisor, tls, tracing
-from .serving.defaults import DEFAULT_HOST, DEFAULT_PORT
+from .serving.settings import DEFAULT_HOST, DEFAULT_PORT
 from .serving.worker import Worker
 from .targets import Target, parse_targets
 

@@ -52,8 +52,8 @@ from .accumulator import check_int32
 from .codec import NumberCodec
 from .service import ACCUMULATE_NUMBERS
 from .serving import tracing
-from .serving.defaults import DEFAULT_HOST, DEFAULT_PORT
 from .serving.grpclib_ext import client as client_ext
+from .serving.settings import DEFAULT_HOST, DEFAULT_PORT
 from .targets import Address, Pool, Target, UnreachableError, parse_targets
 
 Metadata = Mapping[str, str | bytes] | Collection[tuple[str, str | bytes]]

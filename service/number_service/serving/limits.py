@@ -1,5 +1,5 @@
 """Resource limits of a server: every limit and its validation (the defaults are
-``defaults.py``'s; the flags that set them, ``options.py``'s).
+``settings.py``'s; the flags that set them, ``options.py``'s).
 
 :class:`Limits` holds them; the grpclib extensions enforce them (grpclib 0.4.9 has
 no knob for any of them except keepalive, whose options are experimental and
@@ -40,7 +40,8 @@ from dataclasses import dataclass
 
 from grpclib.config import Configuration
 
-from .defaults import (
+from .grpclib_ext import ConnectionLimits, FloodLimits, StreamLimits
+from .settings import (
     DEFAULT_FLOOD_COOLDOWN,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_KEEPALIVE_TIME,
@@ -61,7 +62,6 @@ from .defaults import (
     DEFAULT_MIN_PING_INTERVAL,
     DEFAULT_TLS_HANDSHAKE_TIMEOUT,
 )
-from .grpclib_ext import ConnectionLimits, FloodLimits, StreamLimits
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,8 @@ to its workers. They take those names from this table (:func:`flag`), so they na
 flags that every command built with :func:`serve_options` has, whichever service it
 serves, and renaming a flag here renames it in every message.
 
-This module imports nothing of the layer but :mod:`.defaults` and :mod:`.tls`, so that
-every other module, ``grpclib_ext`` included, can import it.
+The flag names themselves are :func:`.settings.flag`'s (the setting's name with
+dashes), so that the modules that name them need not import click or this table.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
 
-from . import defaults as d
+from . import settings
+from . import settings as d
 from .tls import TLSConfig
 
 if TYPE_CHECKING:
@@ -71,7 +72,6 @@ class Option:
     """One serve option: the setting it fills, its flag, click type, default and help."""
 
     setting: str  # the field of ServeConfig or Limits, or the command's own name for it
-    flag: str
     type: Any  # a click type, or None for a string
     default: Any
     help: str
@@ -80,11 +80,14 @@ class Option:
     to: Literal["config", "limits", "command"] = "limits"
     zero_is_off: bool = False  # 0 on the command line is None (off) in Limits
 
+    @property
+    def flag(self) -> str:
+        return settings.flag(self.setting)
+
 
 OPTIONS: tuple[Option, ...] = (
     Option(
         "host",
-        "--host",
         None,
         d.DEFAULT_HOST,
         "Address to listen on; 0.0.0.0: all IPv4 interfaces; :: all interfaces, "
@@ -93,7 +96,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "port",
-        "--port",
         click.IntRange(0, 65535),
         d.DEFAULT_PORT,
         "TCP port; 0 picks a free one (the ready line says which).",
@@ -101,7 +103,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "grace",
-        "--grace",
         click.FloatRange(min=0),
         d.DEFAULT_GRACE,
         "Seconds in-flight streams get to finish after SIGTERM/SIGINT; "
@@ -110,7 +111,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "metrics_port",
-        "--metrics-port",
         click.IntRange(0, 65535),
         None,
         "Serve Prometheus metrics at http://METRICS_HOST:PORT/metrics [default: off].",
@@ -118,7 +118,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "metrics_host",
-        "--metrics-host",
         None,
         d.DEFAULT_HOST,
         "Address for the metrics endpoint.",
@@ -126,7 +125,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "log_level",
-        "--log-level",
         click.Choice(LOG_LEVELS, case_sensitive=False),
         "info",
         "info: start, stop and one line per finished stream.",
@@ -134,7 +132,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "log_format",
-        "--log-format",
         click.Choice(["text", "json"], case_sensitive=False),
         "text",
         "json: one JSON object per line.",
@@ -142,7 +139,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "tls_cert",
-        "--tls-cert",
         click.Path(dir_okay=False),
         None,
         "Serve TLS only, with this PEM certificate (chain); needs --tls-key.",
@@ -150,7 +146,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "tls_key",
-        "--tls-key",
         click.Path(dir_okay=False),
         None,
         "PEM private key of --tls-cert.",
@@ -158,7 +153,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "tls_client_ca",
-        "--tls-client-ca",
         click.Path(dir_okay=False),
         None,
         "Mutual TLS: require client certificates issued by this PEM CA; needs --tls-cert.",
@@ -166,7 +160,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "workers",
-        "--workers",
         WorkerCount(),
         "1",
         "Processes sharing the port (SO_REUSEPORT), restarted when they die; "
@@ -175,7 +168,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_message_size",
-        "--max-message-size",
         click.IntRange(min=1),
         d.DEFAULT_MAX_MESSAGE_SIZE,
         "Largest request message, bytes (at least 1); a larger one ends its stream "
@@ -183,7 +175,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_concurrent_streams",
-        "--max-concurrent-streams",
         click.IntRange(1, 2**31 - 1),
         d.DEFAULT_MAX_CONCURRENT_STREAMS,
         "Streams open at once per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); "
@@ -191,7 +182,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_connections",
-        "--max-connections",
         click.IntRange(min=0),
         d.DEFAULT_MAX_CONNECTIONS,
         "Open connections at once; more are closed at once with a GOAWAY. 0: no cap.",
@@ -199,7 +189,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "keepalive_time",
-        "--keepalive-time",
         click.FloatRange(min=0),
         d.DEFAULT_KEEPALIVE_TIME,
         "Seconds between the server's keepalive pings on each connection. 0: no pings.",
@@ -207,14 +196,12 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "keepalive_timeout",
-        "--keepalive-timeout",
         click.FloatRange(min=0, min_open=True),
         d.DEFAULT_KEEPALIVE_TIMEOUT,
         "Seconds a ping may go unanswered before the connection is closed.",
     ),
     Option(
         "idle_timeout",
-        "--idle-timeout",
         click.FloatRange(min=0),
         0,
         "Seconds a connection may have no stream before it is closed with a GOAWAY. "
@@ -223,7 +210,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "stream_idle_timeout",
-        "--stream-idle-timeout",
         click.FloatRange(min=0),
         0,
         "Seconds a stream may go without a request before it ends with "
@@ -232,7 +218,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_empty_frames",
-        "--max-empty-frames",
         click.IntRange(min=0),
         d.DEFAULT_MAX_EMPTY_FRAMES,
         "Empty DATA/HEADERS/CONTINUATION frames (no END_STREAM) a client may send in a "
@@ -241,7 +226,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_priority_frames",
-        "--max-priority-frames",
         click.IntRange(min=0),
         d.DEFAULT_MAX_PRIORITY_FRAMES,
         "PRIORITY frames per stream a client opens; more close its connection. 0: no limit.",
@@ -249,7 +233,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_window_updates",
-        "--max-window-updates",
         click.IntRange(min=0),
         d.DEFAULT_MAX_WINDOW_UPDATES,
         "WINDOW_UPDATE frames per DATA frame the server sends (+5 + 2 per stream); more "
@@ -258,7 +241,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "min_ping_interval",
-        "--min-ping-interval",
         click.FloatRange(min=0),
         d.DEFAULT_MIN_PING_INTERVAL,
         "Seconds a client should leave between PINGs while the server sends no data; "
@@ -267,7 +249,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_settings",
-        "--max-settings",
         click.IntRange(min=0),
         d.DEFAULT_MAX_SETTINGS,
         "SETTINGS frames a client may send while the server sends no data; more close "
@@ -276,7 +257,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_resets",
-        "--max-resets",
         click.IntRange(min=0),
         d.DEFAULT_MAX_RESETS,
         "Streams of a connection reset before the server answered them; more (once "
@@ -285,7 +265,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "flood_cooldown",
-        "--flood-cooldown",
         click.FloatRange(min=0),
         d.DEFAULT_FLOOD_COOLDOWN,
         "Seconds new connections from an address are refused after one of its "
@@ -295,7 +274,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_queued_control_frames",
-        "--max-queued-control-frames",
         click.IntRange(min=0),
         d.DEFAULT_MAX_QUEUED_CONTROL_FRAMES,
         "PING/SETTINGS/RST_STREAM answers queued for a client that does not read; more "
@@ -304,7 +282,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_frames_per_turn",
-        "--max-frames-per-turn",
         click.IntRange(min=0),
         d.DEFAULT_MAX_FRAMES_PER_TURN,
         "Frames of one connection handled per event-loop turn, so that others are "
@@ -313,7 +290,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_messages_per_turn",
-        "--max-messages-per-turn",
         click.IntRange(min=0),
         d.DEFAULT_MAX_MESSAGES_PER_TURN,
         "Requests one connection's streams take, together, per event-loop turn, so "
@@ -322,7 +298,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_connection_buffer",
-        "--max-connection-buffer",
         click.IntRange(min=0),
         d.DEFAULT_MAX_CONNECTION_BUFFER,
         "Request bytes a connection's streams may make the server hold (partial messages "
@@ -331,7 +306,6 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "max_process_buffer",
-        "--max-process-buffer",
         click.IntRange(min=0),
         d.DEFAULT_MAX_PROCESS_BUFFER,
         "Request bytes all connections together may make the server hold; a stream "
@@ -353,7 +327,8 @@ def option(setting: str) -> Option:
 
 def flag(setting: str) -> str:
     """The flag of ``setting``, for a message that tells a person to change it:
-    ``flag("max_connections")`` is ``"--max-connections"``."""
+    ``flag("max_connections")`` is ``"--max-connections"``; KeyError for a setting
+    no serve option sets."""
     return option(setting).flag
 
 

@@ -23,10 +23,10 @@ from grpclib.encoding.base import CodecBase
 
 from . import handoff, tracing
 from .build import Serving
-from .defaults import DEFAULT_GRACE, DEFAULT_HOST, DEFAULT_NAME, DEFAULT_PORT
 from .limits import Limits
 from .logs import log
 from .metrics import MetricsEndpoint
+from .settings import DEFAULT_GRACE, DEFAULT_HOST, DEFAULT_NAME, DEFAULT_PORT
 from .streams import SHUTDOWN_MESSAGE, Servable, Streams
 from .tls import TLSConfig
 from .worker import Worker

@@ -60,8 +60,8 @@ from .balance import Balancer
 from .handoff import BATCH, Handoff, channel_env, channel_pair
 from .logs import log
 from .metrics import MULTIPROC_ENV, LostStreams, MetricsEndpoint, WorkerConnections
-from .options import flag
 from .run import ServeConfig, address_of, bind, dual_stack, host_port, listen_errors, resolve
+from .settings import flag
 from .worker import HURRY_SIGNAL, READY, worker_env
 
 INITIAL_BACKOFF = 0.1  # seconds before restarting a worker that died

@@ -105,7 +105,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
-from ..options import flag
+from ..settings import flag
 from . import lean
 from .coalesce import CoalescingTransport
 from .cooldown import Cooldown, address_key

@@ -47,7 +47,7 @@ from typing import NamedTuple
 from h2.errors import ErrorCodes
 from h2.frame_buffer import CONTINUATION_BACKLOG
 
-from ..options import flag
+from ..settings import flag
 
 PREFACE_SIZE = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", before the first frame
 HEADER_SIZE = 9

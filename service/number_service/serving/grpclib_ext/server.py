@@ -35,7 +35,7 @@ from grpclib.protocol import H2Protocol
 from grpclib.server import Server as GrpclibServer
 
 from ..listening import shut
-from ..options import flag
+from ..settings import flag
 from .connections import Connection, ConnectionLimits, Connections
 from .handler import Handler
 from .stream import Budget, Counter, StreamLimits

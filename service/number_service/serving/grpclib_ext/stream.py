@@ -50,7 +50,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError
 from grpclib.server import Stream
 
-from ..options import flag
+from ..settings import flag
 from .lean import LeanBuffer
 
 #: Requests decoded, and answers held, at most per batch: one stream must not hold the

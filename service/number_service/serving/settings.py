@@ -1,9 +1,11 @@
-"""Every default of :class:`.run.ServeConfig` and :class:`.limits.Limits`, in a module
-that imports nothing.
+"""Every setting of :class:`.run.ServeConfig` and :class:`.limits.Limits`: its
+default, and the command-line flag that sets it (:func:`flag`), in a module that
+imports nothing.
 
-They live apart from those classes so that :mod:`.options`, whose flag table shows
-them, can be imported from anywhere in the layer (``grpclib_ext`` names its flags in
-its statuses) without pulling in, in a cycle, the modules that enforce them.
+They live apart from those classes, and from the click options of
+:mod:`.options`, so that any module of the layer can name a flag in a status or a
+log line ("raise --max-message-size"), ``grpclib_ext`` included, without importing
+click or, in a cycle, the modules that enforce the limits.
 """
 
 from __future__ import annotations
@@ -35,3 +37,11 @@ DEFAULT_MAX_FRAMES_PER_TURN = 100  # frames of one connection handed to h2 per l
 DEFAULT_MAX_MESSAGES_PER_TURN = 64  # requests one connection's streams take per loop turn
 DEFAULT_MAX_CONNECTION_BUFFER = 16 * 1024 * 1024  # request bytes held per connection
 DEFAULT_MAX_PROCESS_BUFFER = 256 * 1024 * 1024  # request bytes held by all connections
+
+
+def flag(setting: str) -> str:
+    """The command-line flag of ``setting`` (a ServeConfig or Limits field), for a
+    message that tells a person what to change: ``flag("max_connections")`` is
+    ``"--max-connections"``. Every serve command built with :mod:`.options` has it
+    (its table derives each flag from this; tests/test_options.py checks the names)."""
+    return "--" + setting.replace("_", "-")
