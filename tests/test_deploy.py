@@ -28,7 +28,7 @@ from processes import HOST, READY_LINE, RUN_TIMEOUT, Lines, reap
 
 from number_service.serving.grpclib_ext import DRAIN_PING_TIMEOUT
 from number_service.serving.grpclib_ext.connections import CLOSE_WAIT
-from number_service.serving.run import DEFAULT_GRACE
+from number_service.serving.settings import DEFAULT_GRACE
 from number_service.serving.streams import TRAILERS_WAIT
 from number_service.serving.supervisor import KILL_AFTER
 

@@ -39,8 +39,9 @@ from rawh2 import (
 from number_service import NumberClient, Serving, build_server
 from number_service.codec import encode_int32_field as num  # a NumberRequest's bytes
 from number_service.service import ACCUMULATE_NUMBERS
-from number_service.serving.limits import DEFAULT_MAX_MESSAGE_SIZE, Limits
+from number_service.serving.limits import Limits
 from number_service.serving.run import address_of, bind
+from number_service.serving.settings import DEFAULT_MAX_MESSAGE_SIZE
 
 HOST = "127.0.0.1"
 TIMEOUT = 10.0  # seconds: the longest any one wait here may take

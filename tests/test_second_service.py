@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import re
 import signal
 import subprocess
@@ -43,7 +44,7 @@ from rawh2 import H2Client, Reply, grpc_message
 from scraping import scrape
 
 from maxecho_gen.testing.maxecho import EchoReply, EchoRequest, Max, MaxEchoStub, Value
-from number_service.serving import Limits, Serving, address_of, bind
+from number_service.serving import Limits, Serving, address_of, bind, options
 from number_service.serving.grpclib_ext import BATCH
 
 # grpclib's client with grpclib_ext's connections: grpclib's own fails every stream of
@@ -453,15 +454,21 @@ async def test_a_call_without_its_one_request_is_internal_without_a_traceback(
 # --- serve(): the layer's own run loop, in a process of its own -----------------------------
 
 
-@pytest.fixture
-def served() -> Iterator[tuple[subprocess.Popen[str], Lines, int, int]]:
-    """tests/maxecho_serve.py running, with its port and its metrics port."""
+Served = tuple[subprocess.Popen[str], Lines, int, int]
+MAXECHO_SERVE = [sys.executable, str(HERE / "maxecho_serve.py")]
+
+
+@contextlib.contextmanager
+def maxecho_serve(*args: str, env: dict[str, str] | None = None) -> Iterator[Served]:
+    """tests/maxecho_serve.py running with ``args`` (and metrics on), with its port and
+    its metrics port."""
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "maxecho_serve.py"), "5"],
+        [*MAXECHO_SERVE, "--port", "0", "--metrics-port", "0", *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env=None if env is None else {**os.environ, **env},
     )
     try:
         assert proc.stderr is not None
@@ -477,9 +484,13 @@ def served() -> Iterator[tuple[subprocess.Popen[str], Lines, int, int]]:
         reap(proc)
 
 
-async def test_serve_runs_it_until_sigterm_then_drains(
-    served: tuple[subprocess.Popen[str], Lines, int, int],
-) -> None:
+@pytest.fixture
+def served() -> Iterator[Served]:
+    with maxecho_serve("--grace", "5") as started:
+        yield started
+
+
+async def test_serve_runs_it_until_sigterm_then_drains(served: Served) -> None:
     proc, stderr, port, metrics_port = served
     async with (
         make_channel(HOST, port) as channel,
@@ -505,3 +516,54 @@ async def test_serve_runs_it_until_sigterm_then_drains(
     (line,) = [line for line in text.splitlines() if "stream ended" in line]
     assert f"method={RUNNING_MAX}" in line
     assert "status=OK received=2 sent=2" in line
+
+
+# --- the serving layer's options, on MaxEcho's own command ----------------------------------
+
+
+def test_maxecho_serve_takes_the_layers_serve_options() -> None:
+    """Its --help lists the layer's options (``options.serve_options``) with its own
+    environment variables, and not --workers, which it leaves out."""
+    usage = subprocess.run(
+        [*MAXECHO_SERVE, "--help"], capture_output=True, text=True, timeout=TIMEOUT, check=True
+    ).stdout
+    for option in options.OPTIONS:
+        if option.setting != "workers":
+            assert option.flag in usage.split()
+            assert options.env_var("MAXECHO_", option.setting) in usage
+    assert "--workers" not in usage
+    assert "NUMBER_SERVICE" not in usage
+
+
+@pytest.fixture(params=["flag", "environment"])
+def limited(request: pytest.FixtureRequest) -> Iterator[Served]:
+    """maxecho_serve.py with a 64-byte message limit, set by its flag or its variable."""
+    name = options.flag("max_message_size")
+    if request.param == "flag":
+        started = maxecho_serve(name, "64")
+    else:
+        started = maxecho_serve(env={options.env_var("MAXECHO_", "max_message_size"): "64"})
+    with started as running:
+        yield running
+
+
+async def test_a_serve_option_of_the_layer_takes_effect_and_its_status_names_it(
+    limited: Served,
+) -> None:
+    """``--max-message-size 64`` (or MAXECHO_MAX_MESSAGE_SIZE=64) on MaxEcho's command:
+    a 64-byte request is answered, a 65-byte one is RESOURCE_EXHAUSTED (under the
+    layer's default of 4 MiB it would be answered), and the status names the flag to
+    raise, one that this command has."""
+    async with make_channel(HOST, limited[2]) as channel:
+        stub = MaxEchoStub(channel)
+        at_limit = EchoRequest(text="x" * 62)
+        assert len(bytes(at_limit)) == 64
+        assert (await stub.echo(at_limit, timeout=TIMEOUT)).text == at_limit.text
+        with pytest.raises(GRPCError) as over:
+            await stub.echo(EchoRequest(text="x" * 63), timeout=TIMEOUT)
+    assert over.value.status is Status.RESOURCE_EXHAUSTED
+    assert over.value.message == (
+        "request message of 65 bytes is larger than the server's limit of 64 bytes; "
+        f"send smaller messages or raise {options.flag('max_message_size')}"
+    )
+    assert options.flag("max_message_size") == "--max-message-size"

@@ -24,12 +24,11 @@ from grpclib.exceptions import GRPCError
 from . import healthcheck, server
 from .accumulator import check_int32
 from .client import NumberClient
-from .serving import limits, logs, metrics, supervisor, tls, tracing
-from .serving.run import DEFAULT_GRACE, DEFAULT_HOST, DEFAULT_PORT
+from .serving import logs, metrics, options, supervisor, tls, tracing
+from .serving.settings import DEFAULT_HOST, DEFAULT_PORT
 from .serving.worker import Worker
 from .targets import Target, parse_targets
 
-LOG_LEVELS = ("debug", "info", "warning", "error")
 _INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
@@ -118,35 +117,6 @@ HEALTH_ENV_PREFIX = ENV_PREFIX + "HEALTH_"  # health's TLS client options; see h
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
-def _serve_option(flag: str, **kwargs: Any) -> Callable[[_F], _F]:
-    """A click option that also reads NUMBER_SERVICE_<NAME> from the environment."""
-    name = flag.removeprefix("--").replace("-", "_").upper()
-    return click.option(flag, envvar=ENV_PREFIX + name, show_envvar=True, **kwargs)
-
-
-class WorkerCount(click.ParamType[int, Any]):
-    """``--workers``: a count of processes; 0 or ``auto`` (0) is one per core, found
-    by ``serve`` (see ``supervisor.auto_workers``)."""
-
-    name = "N|auto"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            count = value
-        elif str(value).strip().lower() == "auto":
-            count = 0
-        else:
-            try:
-                count = int(str(value))
-            except ValueError:
-                self.fail(f"{value!r} is not a number of workers or 'auto'", param, ctx)
-        if count < 0:
-            self.fail(
-                f"{count} is negative; use 1 or more, or 0 or 'auto' for one per core", param, ctx
-            )
-        return count
-
-
 _RAW_ARGS = "number_service.raw_args"
 
 
@@ -166,228 +136,8 @@ def main() -> None:
 
 
 @main.command(cls=_KeepsArgs, context_settings={"show_default": True})
-@_serve_option(
-    "--host",
-    default=DEFAULT_HOST,
-    help="Address to listen on; 0.0.0.0: all IPv4 interfaces; :: all interfaces, "
-    "IPv4 and IPv6 (dual-stack).",
-)
-@_serve_option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=DEFAULT_PORT,
-    help="TCP port; 0 picks a free one (the ready line says which).",
-)
-@_serve_option(
-    "--grace",
-    type=click.FloatRange(min=0),
-    default=DEFAULT_GRACE,
-    help="Seconds in-flight streams get to finish after SIGTERM/SIGINT; "
-    "those left then end with UNAVAILABLE.",
-)
-@_serve_option(
-    "--metrics-port",
-    type=click.IntRange(0, 65535),
-    default=None,
-    help="Serve Prometheus metrics at http://METRICS_HOST:PORT/metrics [default: off].",
-)
-@_serve_option(
-    "--metrics-host",
-    default=DEFAULT_HOST,
-    help="Address for the metrics endpoint.",
-)
-@_serve_option(
-    "--log-level",
-    type=click.Choice(LOG_LEVELS, case_sensitive=False),
-    default="info",
-    help="info: start, stop and one line per finished stream.",
-)
-@_serve_option(
-    "--log-format",
-    type=click.Choice(["text", "json"], case_sensitive=False),
-    default="text",
-    help="json: one JSON object per line.",
-)
-@_serve_option(
-    "--tls-cert",
-    type=click.Path(dir_okay=False),
-    help="Serve TLS only, with this PEM certificate (chain); needs --tls-key.",
-)
-@_serve_option("--tls-key", type=click.Path(dir_okay=False), help="PEM private key of --tls-cert.")
-@_serve_option(
-    "--tls-client-ca",
-    type=click.Path(dir_okay=False),
-    help="Mutual TLS: require client certificates issued by this PEM CA; needs --tls-cert.",
-)
-@_serve_option(
-    "--workers",
-    type=WorkerCount(),
-    default="1",
-    help="Processes sharing the port (SO_REUSEPORT), restarted when they die; "
-    "0 or auto: one per core.",
-)
-@_serve_option(
-    "--max-message-size",
-    type=click.IntRange(min=1),
-    default=server.MAX_MESSAGE_SIZE,
-    help="Largest request message, bytes (at least 1); a larger one ends its stream "
-    "with RESOURCE_EXHAUSTED.",
-)
-@_serve_option(
-    "--max-concurrent-streams",
-    type=click.IntRange(1, 2**31 - 1),
-    default=limits.DEFAULT_MAX_CONCURRENT_STREAMS,
-    help="Streams open at once per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); "
-    "clients queue the rest.",
-)
-@_serve_option(
-    "--max-connections",
-    type=click.IntRange(min=0),
-    default=limits.DEFAULT_MAX_CONNECTIONS,
-    help="Open connections at once; more are closed at once with a GOAWAY. 0: no cap.",
-)
-@_serve_option(
-    "--keepalive-time",
-    type=click.FloatRange(min=0),
-    default=limits.DEFAULT_KEEPALIVE_TIME,
-    help="Seconds between the server's keepalive pings on each connection. 0: no pings.",
-)
-@_serve_option(
-    "--keepalive-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=limits.DEFAULT_KEEPALIVE_TIMEOUT,
-    help="Seconds a ping may go unanswered before the connection is closed.",
-)
-@_serve_option(
-    "--idle-timeout",
-    type=click.FloatRange(min=0),
-    default=0,
-    help="Seconds a connection may have no stream before it is closed with a GOAWAY. "
-    "0 (default): never; keepalive still closes dead peers.",
-)
-@_serve_option(
-    "--stream-idle-timeout",
-    type=click.FloatRange(min=0),
-    default=0,
-    help="Seconds a stream may go without a request before it ends with "
-    "DEADLINE_EXCEEDED. 0: never.",
-)
-@_serve_option(
-    "--max-empty-frames",
-    type=click.IntRange(min=0),
-    default=limits.DEFAULT_MAX_EMPTY_FRAMES,
-    help="Empty DATA/HEADERS/CONTINUATION frames (no END_STREAM) a client may send in a "
-    "row; one more closes its connection (GOAWAY ENHANCE_YOUR_CALM). 0: no limit.",
-)
-@_serve_option(
-    "--max-priority-frames",
-    type=click.IntRange(min=0),
-    default=limits.DEFAULT_MAX_PRIORITY_FRAMES,
-    help="PRIORITY frames per stream a client opens; more close its connection. 0: no limit.",
-)
-@_serve_option(
-    "--max-window-updates",
-    type=click.IntRange(min=0),
-    default=limits.DEFAULT_MAX_WINDOW_UPDATES,
-    help="WINDOW_UPDATE frames per DATA frame the server sends (+5 + 2 per stream); more "
-    "close the connection. 0: no limit.",
-)
-@_serve_option(
-    "--min-ping-interval",
-    type=click.FloatRange(min=0),
-    default=limits.DEFAULT_MIN_PING_INTERVAL,
-    help="Seconds a client should leave between PINGs while the server sends no data; "
-    "the third PING sooner closes its connection (too_many_pings). 0: no limit.",
-)
-@_serve_option(
-    "--max-settings",
-    type=click.IntRange(min=0),
-    default=limits.DEFAULT_MAX_SETTINGS,
-    help="SETTINGS frames a client may send while the server sends no data; more close "
-    "its connection. 0: no limit.",
-)
-@_serve_option(
-    "--max-resets",
-    type=click.IntRange(min=0),
-    default=limits.DEFAULT_MAX_RESETS,
-    help="Streams of a connection reset before the server answered them; more (once "
-    "they are over half its streams) close it (Rapid Reset). 0: no limit.",
-)
-@_serve_option(
-    "--flood-cooldown",
-    type=click.FloatRange(min=0),
-    default=limits.DEFAULT_FLOOD_COOLDOWN,
-    help="Seconds new connections from an address are refused after one of its "
-    "connections was cut for a flood; doubled for each further cut within 5 min, up to "
-    "60. Clients behind one NAT or proxy share it. 0: off.",
-)
-@_serve_option(
-    "--max-queued-control-frames",
-    type=click.IntRange(min=0),
-    default=limits.DEFAULT_MAX_QUEUED_CONTROL_FRAMES,
-    help="PING/SETTINGS/RST_STREAM answers queued for a client that does not read; more "
-    "close its connection. 0: no limit.",
-)
-@_serve_option(
-    "--max-frames-per-turn",
-    type=click.IntRange(min=0),
-    default=limits.DEFAULT_MAX_FRAMES_PER_TURN,
-    help="Frames of one connection handled per event-loop turn, so that others are "
-    "served meanwhile. 0: no limit.",
-)
-@_serve_option(
-    "--max-messages-per-turn",
-    type=click.IntRange(min=0),
-    default=limits.DEFAULT_MAX_MESSAGES_PER_TURN,
-    help="Requests one connection's streams take, together, per event-loop turn, so "
-    "that others are served meanwhile. 0: no limit.",
-)
-@_serve_option(
-    "--max-connection-buffer",
-    type=click.IntRange(min=0),
-    default=limits.DEFAULT_MAX_CONNECTION_BUFFER,
-    help="Request bytes a connection's streams may make the server hold (partial messages "
-    "included); a stream going over ends with RESOURCE_EXHAUSTED. 0: no limit.",
-)
-@_serve_option(
-    "--max-process-buffer",
-    type=click.IntRange(min=0),
-    default=limits.DEFAULT_MAX_PROCESS_BUFFER,
-    help="Request bytes all connections together may make the server hold; a stream "
-    "going over ends with RESOURCE_EXHAUSTED. 0: no limit.",
-)
-def serve(
-    host: str,
-    port: int,
-    grace: float,
-    metrics_port: int | None,
-    metrics_host: str,
-    log_level: str,
-    log_format: str,
-    tls_cert: str | None,
-    tls_key: str | None,
-    tls_client_ca: str | None,
-    workers: int,
-    max_message_size: int,
-    max_concurrent_streams: int,
-    max_connections: int,
-    keepalive_time: float,
-    keepalive_timeout: float,
-    idle_timeout: float,
-    stream_idle_timeout: float,
-    max_empty_frames: int,
-    max_priority_frames: int,
-    max_window_updates: int,
-    min_ping_interval: float,
-    max_settings: int,
-    max_resets: int,
-    flood_cooldown: float,
-    max_queued_control_frames: int,
-    max_frames_per_turn: int,
-    max_messages_per_turn: int,
-    max_connection_buffer: int,
-    max_process_buffer: int,
-) -> None:
+@options.serve_options(ENV_PREFIX, defaults={"max_message_size": server.MAX_MESSAGE_SIZE})
+def serve(**values: Any) -> None:
     """Run the server in the foreground until SIGTERM or SIGINT, then drain and exit 0.
 
     Every option can also be set by its environment variable; an option given on
@@ -395,46 +145,20 @@ def serve(
     """
     worker = Worker.from_env(server.NAME)
     fields = worker.log_fields() if worker is not None else None
-    logs.configure(log_level, "json" if log_format.lower() == "json" else "text", fields)
+    json = values["log_format"].lower() == "json"
+    logs.configure(values["log_level"], "json" if json else "text", fields)
     # Metric values live in memory, whatever PROMETHEUS_MULTIPROC_DIR says, except in
     # a worker whose supervisor collects them from the directory it gave it.
-    shared = worker is not None and metrics_port is not None
+    shared = worker is not None and values["metrics_port"] is not None
     metrics.use_values(os.environ.get(metrics.MULTIPROC_ENV) if shared else None)
-    config = server.ServeConfig(
-        host,
-        port,
-        grace,
-        metrics_host,
-        metrics_port,
-        limits=limits.Limits(
-            max_message_size=max_message_size,
-            max_concurrent_streams=max_concurrent_streams,
-            max_connections=max_connections or None,
-            keepalive_time=keepalive_time or None,
-            keepalive_timeout=keepalive_timeout,
-            idle_timeout=idle_timeout or None,
-            stream_idle_timeout=stream_idle_timeout or None,
-            max_empty_frames=max_empty_frames or None,
-            max_priority_frames=max_priority_frames or None,
-            max_window_updates=max_window_updates or None,
-            min_ping_interval=min_ping_interval or None,
-            max_settings=max_settings or None,
-            max_resets=max_resets or None,
-            flood_cooldown=flood_cooldown or None,
-            max_queued_control_frames=max_queued_control_frames or None,
-            max_frames_per_turn=max_frames_per_turn or None,
-            max_messages_per_turn=max_messages_per_turn or None,
-            max_connection_buffer=max_connection_buffer or None,
-            max_process_buffer=max_process_buffer or None,
-        ),
-    )
-    config.tls = _server_tls(tls_cert, tls_key, tls_client_ca)
+    config = options.serve_config(values, server.ServeConfig())
+    workers: int = values["workers"]
     why = ""
     if not workers:  # auto
         workers, why = supervisor.auto_workers()
         why = f"auto: {why}"
         if workers == 1 and worker is None:
-            logs.log.info("one process (--workers %s)", why)
+            logs.log.info("one process (%s %s)", options.flag("workers"), why)
     config.workers = workers
     config.worker = worker
     if worker is not None:  # the supervisor serves the metrics of all workers
@@ -452,22 +176,6 @@ def serve(
         _fail(str(err), 2)
     except OSError as err:
         _fail(str(err), 1)
-
-
-def _server_tls(cert: str | None, key: str | None, client_ca: str | None) -> tls.TLSConfig | None:
-    """The TLS files of ``serve``, or None for plaintext; a usage error if incomplete."""
-    if cert is None and key is None:
-        if client_ca is not None:
-            raise click.UsageError(
-                "--tls-client-ca needs --tls-cert and --tls-key: mutual TLS is TLS first",
-                click.get_current_context(),
-            )
-        return None
-    if cert is None or key is None:
-        raise click.UsageError(
-            "--tls-cert and --tls-key go together: give both", click.get_current_context()
-        )
-    return tls.TLSConfig(cert, key, client_ca)
 
 
 def _client_tls_options(env_prefix: str | None = None) -> Callable[[_F], _F]:
@@ -691,7 +399,7 @@ async def _until_bad(numbers: AsyncIterator[int], bad: list[InputError]) -> Asyn
     "--port",
     type=click.IntRange(1, 65535),
     default=DEFAULT_PORT,
-    envvar=ENV_PREFIX + "PORT",
+    envvar=options.env_var(ENV_PREFIX, "port"),
     show_envvar=True,
     help="Server port; reads the same variable as serve, so a container checks its own port.",
 )

@@ -53,7 +53,7 @@ from .codec import NumberCodec
 from .service import ACCUMULATE_NUMBERS
 from .serving import tracing
 from .serving.grpclib_ext import client as client_ext
-from .serving.run import DEFAULT_HOST, DEFAULT_PORT
+from .serving.settings import DEFAULT_HOST, DEFAULT_PORT
 from .targets import Address, Pool, Target, UnreachableError, parse_targets
 
 Metadata = Mapping[str, str | bytes] | Collection[tuple[str, str | bytes]]

@@ -6,8 +6,9 @@ Nothing here knows which service it serves: an application (the package around i
 say) uses this layer, never the other way round (an import-linter contract checks it). What grpclib
 lacks and a production server needs lives here: batched reads and coalesced writes
 per stream, limits, a graceful drain, stream tracking, metrics, logs, health and
-reflection, TLS and workers. Every use of grpclib's and h2's private attributes is in
-:mod:`.grpclib_ext`.
+reflection, TLS and workers, and the options of a command that serves
+(:mod:`.options`: flags, defaults, help, the ServeConfig they make). Every use of
+grpclib's and h2's private attributes is in :mod:`.grpclib_ext`.
 """
 
 from .build import Serving

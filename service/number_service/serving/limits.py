@@ -1,4 +1,5 @@
-"""Resource limits of a server: every limit, its default and its validation.
+"""Resource limits of a server: every limit and its validation (the defaults are
+``settings.py``'s; the flags that set them, ``options.py``'s).
 
 :class:`Limits` holds them; the grpclib extensions enforce them (grpclib 0.4.9 has
 no knob for any of them except keepalive, whose options are experimental and
@@ -40,27 +41,27 @@ from dataclasses import dataclass
 from grpclib.config import Configuration
 
 from .grpclib_ext import ConnectionLimits, FloodLimits, StreamLimits
-
-DEFAULT_MAX_MESSAGE_SIZE = 4 * 1024 * 1024  # gRPC's default maximum received message
-DEFAULT_MAX_CONCURRENT_STREAMS = 100  # h2's and grpclib's until now; gRPC core's too
-DEFAULT_MAX_CONNECTIONS = 1000  # below the usual `ulimit -n` of 1024
-DEFAULT_KEEPALIVE_TIME = 300.0  # seconds between pings on each connection
-DEFAULT_KEEPALIVE_TIMEOUT = 20.0  # seconds for a ping's answer; gRPC's default
-DEFAULT_IDLE_TIMEOUT = None  # off, as gRPC's MaxConnectionIdle: see Limits.idle_timeout
-DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0  # seconds a TLS client has to finish its handshake
-# Flood limits, after Envoy's http2_protocol_options and grpc-go's ping policy.
-DEFAULT_MAX_EMPTY_FRAMES = 1  # Envoy's max_consecutive_inbound_frames_with_empty_payload
-DEFAULT_MAX_PRIORITY_FRAMES = 100  # Envoy's max_inbound_priority_frames_per_stream
-DEFAULT_MAX_WINDOW_UPDATES = 10  # Envoy's max_inbound_window_update_frames_per_data_frame_sent
-DEFAULT_MIN_PING_INTERVAL = 300.0  # grpc-go's keepalive.EnforcementPolicy MinTime (5 min)
-DEFAULT_MAX_SETTINGS = 10  # SETTINGS frames with no data sent in between
-DEFAULT_MAX_RESETS = 100  # streams reset before they are answered (Rapid Reset)
-DEFAULT_FLOOD_COOLDOWN = 1.0  # seconds an address is refused after its first flood cut
-DEFAULT_MAX_QUEUED_CONTROL_FRAMES = 1000  # Envoy's max_outbound_control_frames
-DEFAULT_MAX_FRAMES_PER_TURN = 100  # frames of one connection handed to h2 per loop turn
-DEFAULT_MAX_MESSAGES_PER_TURN = 64  # requests one connection's streams take per loop turn
-DEFAULT_MAX_CONNECTION_BUFFER = 16 * 1024 * 1024  # request bytes held per connection
-DEFAULT_MAX_PROCESS_BUFFER = 256 * 1024 * 1024  # request bytes held by all connections
+from .settings import (
+    DEFAULT_FLOOD_COOLDOWN,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_KEEPALIVE_TIME,
+    DEFAULT_KEEPALIVE_TIMEOUT,
+    DEFAULT_MAX_CONCURRENT_STREAMS,
+    DEFAULT_MAX_CONNECTION_BUFFER,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_EMPTY_FRAMES,
+    DEFAULT_MAX_FRAMES_PER_TURN,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MAX_MESSAGES_PER_TURN,
+    DEFAULT_MAX_PRIORITY_FRAMES,
+    DEFAULT_MAX_PROCESS_BUFFER,
+    DEFAULT_MAX_QUEUED_CONTROL_FRAMES,
+    DEFAULT_MAX_RESETS,
+    DEFAULT_MAX_SETTINGS,
+    DEFAULT_MAX_WINDOW_UPDATES,
+    DEFAULT_MIN_PING_INTERVAL,
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+)
 
 
 @dataclass(frozen=True)

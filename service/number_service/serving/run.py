@@ -26,14 +26,10 @@ from .build import Serving
 from .limits import Limits
 from .logs import log
 from .metrics import MetricsEndpoint
+from .settings import DEFAULT_GRACE, DEFAULT_HOST, DEFAULT_NAME, DEFAULT_PORT
 from .streams import SHUTDOWN_MESSAGE, Servable, Streams
 from .tls import TLSConfig
 from .worker import Worker
-
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 50051
-DEFAULT_GRACE = 10.0
-DEFAULT_NAME = "grpc-server"
 
 
 @dataclass

@@ -61,6 +61,7 @@ from .handoff import BATCH, Handoff, channel_env, channel_pair
 from .logs import log
 from .metrics import MULTIPROC_ENV, LostStreams, MetricsEndpoint, WorkerConnections
 from .run import ServeConfig, address_of, bind, dual_stack, host_port, listen_errors, resolve
+from .settings import flag
 from .worker import HURRY_SIGNAL, READY, worker_env
 
 INITIAL_BACKOFF = 0.1  # seconds before restarting a worker that died
@@ -205,9 +206,10 @@ class Supervisor:
 
     def __init__(self, config: ServeConfig, command: Sequence[str], why: str = "") -> None:
         """``command``: a worker's command line, e.g. ``[sys.executable, "-m", "app",
-        "serve", *options]``; it must take ``--workers`` and ``--port`` after that
-        (the last of each wins). ``why``: how the number of workers was chosen, for
-        the start line (auto)."""
+        "serve", *options]``; it must take the serve options of ``options.py``
+        (``--workers`` and ``--port`` at least) after that, the last of each
+        winning. ``why``: how the number of workers was chosen, for the start line
+        (auto)."""
         self.config = config
         self.why = why
         self.command = list(command)
@@ -369,9 +371,9 @@ class Supervisor:
         try:
             return await asyncio.create_subprocess_exec(
                 *self.command,
-                "--workers",
+                flag("workers"),
                 "1",
-                "--port",
+                flag("port"),
                 str(port),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,

@@ -105,6 +105,7 @@ from hyperframe.frame import (
     SettingsFrame,
 )
 
+from ..settings import flag
 from . import lean
 from .coalesce import CoalescingTransport
 from .cooldown import Cooldown, address_key
@@ -190,9 +191,10 @@ class Connections:
         if cap is not None and self.open >= cap:
             if not self._refused_in_burst:
                 log.warning(
-                    "connection cap reached: %d open (--max-connections %d); "
+                    "connection cap reached: %d open (%s %d); "
                     "refusing new connections until some close",
                     self.open,
+                    flag("max_connections"),
                     cap,
                 )
             self._refused_in_burst += 1
@@ -200,8 +202,9 @@ class Connections:
             return False
         if self._refused_in_burst:
             log.info(
-                "accepting connections again; refused %d at the cap (--max-connections %s)",
+                "accepting connections again; refused %d at the cap (%s %s)",
                 self._refused_in_burst,
+                flag("max_connections"),
                 cap,
             )
             self._refused_in_burst = 0
@@ -317,7 +320,7 @@ class Connection(H2Protocol):
             return
         if not connections.admit():
             self._refuse(
-                f"too many connections (--max-connections {limits.max_connections}); "
+                f"too many connections ({flag('max_connections')} {limits.max_connections}); "
                 "try again later"
             )
             return
@@ -434,11 +437,11 @@ class Connection(H2Protocol):
         if self.processor.streams:  # a stream began in the meantime
             return
         timeout = self._connections.limits.idle_timeout
-        log.debug("closing a connection idle for %g s (--idle-timeout)", timeout)
+        log.debug("closing a connection idle for %g s (%s)", timeout, flag("idle_timeout"))
         self._connections.idle_closed += 1
         try:
             _h2(self).close_connection(
-                ErrorCodes.NO_ERROR, f"idle for {timeout:g} s (--idle-timeout)".encode()
+                ErrorCodes.NO_ERROR, f"idle for {timeout:g} s ({flag('idle_timeout')})".encode()
             )
             self.connection.flush()
         except ProtocolError:  # the connection is already closed for h2
@@ -670,7 +673,8 @@ class Connection(H2Protocol):
         length = self._connections.cooldown.strike(address, loop.time())
         if not length:
             return ""
-        return f"; new connections from {address} refused for {length:g} s (--flood-cooldown)"
+        option = flag("flood_cooldown")
+        return f"; new connections from {address} refused for {length:g} s ({option})"
 
     def _protocol_error(self, err: ProtocolError) -> None:
         """h2 found a connection error: send its GOAWAY (or ours, if it queued none)."""
@@ -955,7 +959,7 @@ SETTINGS_FRAME = SettingsFrame(0).serialize()  # the server's preface, no settin
 def cooling_goaway(left: float) -> bytes:
     """The GOAWAY of a connection refused while its address cools down (``left`` s)."""
     reason = (
-        "cooling down after a flood from this address (--flood-cooldown): "
+        f"cooling down after a flood from this address ({flag('flood_cooldown')}): "
         f"try again in {math.ceil(left)} s"
     )
     return goaway_frame(0, ErrorCodes.ENHANCE_YOUR_CALM, reason).serialize()

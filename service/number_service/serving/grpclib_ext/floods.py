@@ -47,6 +47,8 @@ from typing import NamedTuple
 from h2.errors import ErrorCodes
 from h2.frame_buffer import CONTINUATION_BACKLOG
 
+from ..settings import flag
+
 PREFACE_SIZE = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", before the first frame
 HEADER_SIZE = 9
 #: What a HEADERS frame counts for in ``frames_per_turn``: decoding its HPACK block
@@ -220,7 +222,7 @@ class FrameAccounting:
                 limit = limits.max_empty_frames
                 if limit is not None and self._empty > limit:
                     return self._broken(
-                        f"{self._empty} empty frames in a row (--max-empty-frames {limit})"
+                        f"{self._empty} empty frames in a row ({flag('max_empty_frames')} {limit})"
                     )
             else:
                 self._empty = 0
@@ -244,7 +246,7 @@ class FrameAccounting:
             if limit is not None and self._priority > limit * (1 + self.opened):
                 return self._broken(
                     f"{self._priority} PRIORITY frames for {self.opened} streams "
-                    f"(--max-priority-frames {limit} per stream)"
+                    f"({flag('max_priority_frames')} {limit} per stream)"
                 )
         elif kind == WINDOW_UPDATE:
             self._window_updates += 1
@@ -253,7 +255,7 @@ class FrameAccounting:
             if limit is not None and self._window_updates > allowed:
                 return self._broken(
                     f"{self._window_updates} WINDOW_UPDATE frames for {self.data_sent} "
-                    f"DATA frames sent (--max-window-updates {limit} per DATA frame)"
+                    f"DATA frames sent ({flag('max_window_updates')} {limit} per DATA frame)"
                 )
         elif kind == PING and not flags & ACK:
             interval = limits.min_ping_interval
@@ -265,7 +267,7 @@ class FrameAccounting:
                         return self._broken(
                             f"too_many_pings: {self._strikes + 1} PINGs less than "
                             f"{interval:g} s apart with no data sent "
-                            f"(--min-ping-interval {interval:g})"
+                            f"({flag('min_ping_interval')} {interval:g})"
                         )
                 self._last_ping = now
         elif kind == SETTINGS and not flags & ACK:
@@ -273,7 +275,8 @@ class FrameAccounting:
             limit = limits.max_settings
             if limit is not None and self._settings > limit:
                 return self._broken(
-                    f"{self._settings} SETTINGS frames with no data sent (--max-settings {limit})"
+                    f"{self._settings} SETTINGS frames with no data sent "
+                    f"({flag('max_settings')} {limit})"
                 )
         elif kind == RST_STREAM:
             # Once per stream: after a reset, each frame still in flight on it makes
@@ -312,7 +315,7 @@ class FrameAccounting:
         if limit is not None and self.resets > limit and 2 * self.resets > self.opened:
             return self._broken(
                 f"{self.resets} streams reset before they were answered, of "
-                f"{self.opened} opened (--max-resets {limit})"
+                f"{self.opened} opened ({flag('max_resets')} {limit})"
             )
         return None
 
@@ -372,7 +375,7 @@ class FrameAccounting:
             if limit is not None and self._queued > limit and verdict is None:
                 verdict = self._broken(
                     f"{self._queued} control frames queued for a client that does not "
-                    f"read (--max-queued-control-frames {limit})"
+                    f"read ({flag('max_queued_control_frames')} {limit})"
                 )
         else:
             self._queued = 0

@@ -35,6 +35,7 @@ from grpclib.protocol import H2Protocol
 from grpclib.server import Server as GrpclibServer
 
 from ..listening import shut
+from ..settings import flag
 from .connections import Connection, ConnectionLimits, Connections
 from .handler import Handler
 from .stream import Budget, Counter, StreamLimits
@@ -58,7 +59,7 @@ class Server(GrpclibServer):
         )
         self.stream_limits = StreamLimits() if stream_limits is None else stream_limits
         #: The request bytes all connections' streams hold, within max_process_buffer.
-        self.budget = Budget(self.stream_limits.max_process_buffer, "--max-process-buffer")
+        self.budget = Budget(self.stream_limits.max_process_buffer, flag("max_process_buffer"))
         #: Every open connection, with the counts of the connection limits.
         self.connections = Connections(
             ConnectionLimits() if connection_limits is None else connection_limits
@@ -80,7 +81,7 @@ class Server(GrpclibServer):
             limits=self.stream_limits,
             counter=self.counter,
             budget=Budget(
-                self.stream_limits.max_connection_buffer, "--max-connection-buffer", self.budget
+                self.stream_limits.max_connection_buffer, flag("max_connection_buffer"), self.budget
             ),
         )
         self._handlers.add(handler)

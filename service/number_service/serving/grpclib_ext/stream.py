@@ -50,6 +50,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError
 from grpclib.server import Stream
 
+from ..settings import flag
 from .lean import LeanBuffer
 
 #: Requests decoded, and answers held, at most per batch: one stream must not hold the
@@ -535,7 +536,7 @@ def too_large(size: int, max_size: int) -> GRPCError:
     return GRPCError(
         Status.RESOURCE_EXHAUSTED,
         f"request message of {size} bytes is larger than the server's limit "
-        f"of {max_size} bytes; send smaller messages or raise --max-message-size",
+        f"of {max_size} bytes; send smaller messages or raise {flag('max_message_size')}",
     )
 
 
@@ -553,6 +554,6 @@ def idle(idle_timeout: float) -> GRPCError:
     """DEADLINE_EXCEEDED for a stream that sent no request for ``idle_timeout`` s."""
     return GRPCError(
         Status.DEADLINE_EXCEEDED,
-        f"no request for {idle_timeout:g} s (--stream-idle-timeout); "
+        f"no request for {idle_timeout:g} s ({flag('stream_idle_timeout')}); "
         "the stream ends here, start a new one to continue",
     )
