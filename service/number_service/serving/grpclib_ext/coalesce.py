@@ -8,6 +8,14 @@ writes of one loop iteration and hands them to the real transport together at
 the start of the next (``loop.call_soon``): the same bytes in the same order,
 at most one loop turn later. Flow control is untouched: the real transport
 still calls ``pause_writing``/``resume_writing`` on the protocol.
+
+While the protocol handles a read (:meth:`CoalescingTransport.hold`, then
+:meth:`~CoalescingTransport.release`), the send is scheduled only at its end,
+after the stream handlers the read woke: what the read made h2 write (a PING ACK,
+a WINDOW_UPDATE) and the handlers' answers then leave in one send, in the turn
+after the read. Before, the PING ACK that grpc-go's BDP estimator asks for with
+each request went out first, alone, and the answer a turn later: two sends and
+three loop turns per lock-step message instead of one and two.
 """
 
 from __future__ import annotations
@@ -32,15 +40,32 @@ class CoalescingTransport(asyncio.Transport):
         self._watch = watch
         self._linger = False  # close() only half-closes: see linger()
         self._closing = False  # half-closed by close(): nothing more is written
+        self._scheduled = False  # a _flush is on the loop's ready queue
+        self._held = False  # a read is being handled: see hold()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
-        if not self._pending:
+        if not self._scheduled and not self._held:
+            self._scheduled = True
             self._loop.call_soon(self._flush)
         self._pending.append(bytes(data))
 
+    def hold(self) -> None:
+        """A read is being handled: what it writes waits for :meth:`release`."""
+        self._held = True
+
+    def release(self) -> None:
+        """The read is handled: send what it wrote at the next loop turn, after the
+        callbacks scheduled so far (the handlers it woke), so that what they write
+        meanwhile goes in the same send."""
+        self._held = False
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._flush)
+
     def _flush(self) -> None:
+        self._scheduled = False
         if not self._pending:
             return
         data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]

@@ -594,7 +594,15 @@ class Connection(H2Protocol):
             if end < len(data):
                 self._inbound = bytearray(data[end:])
         if chunk:
-            self._feed(chunk)
+            coalescing = self._coalescing
+            if coalescing is None:
+                self._feed(chunk)
+            else:  # its answers and the handlers' in one send (coalesce.py)
+                coalescing.hold()
+                try:
+                    self._feed(chunk)
+                finally:
+                    coalescing.release()
         verdict = take.verdict or accounting.verdict
         if verdict is not None:
             self._cut(verdict)
