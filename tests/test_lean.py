@@ -18,6 +18,7 @@ from rawh2 import H2Client, grpc_message
 from number_service import NumberClient
 from number_service.codec import decode_int32_field, encode_int32_field
 from number_service.pytest_plugin import RunningServer
+from number_service.serving import grpclib_ext
 from number_service.serving.grpclib_ext.lean import LeanBuffer, LeanWrapper
 
 TIMEOUT = 10.0
@@ -103,7 +104,8 @@ class Acked:
 
 def handler_tasks(server: RunningServer) -> list[asyncio.Task[None]]:
     """The stream tasks the server's connection handlers hold."""
-    return [t for h in server.server._handlers for t in h.open_tasks()]
+    assert isinstance(server.server, grpclib_ext.Server)
+    return server.server.connections.handler_tasks()
 
 
 async def test_an_idle_streams_handler_keeps_no_request_headers(
