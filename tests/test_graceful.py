@@ -23,7 +23,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -252,32 +252,43 @@ def loadgen() -> Path:
     return binary
 
 
+def go_load(
+    loadgen: Path, *args: str, during: Callable[[subprocess.Popen[str]], None]
+) -> dict[str, Any]:
+    """Run the Go load client with ``args`` while ``during(its process)`` runs; its
+    JSON result, once it has exited 0 reporting no failed stream."""
+    proc = subprocess.Popen(
+        [str(loadgen), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        during(proc)
+        out, err = proc.communicate(timeout=CALL_TIMEOUT + 30)
+    finally:
+        reap(proc)
+    assert proc.returncode == 0, err or out
+    result: dict[str, Any] = json.loads(out)
+    assert result.get("error") is None, result
+    return result
+
+
 def test_the_go_load_client_sees_both_goaways_and_no_stream_fails(loadgen: Path) -> None:
     """grpc-go streams (2 connections, 8 pipelined streams, every sum checked) through a
     replica's SIGTERM: each connection gets GOAWAY 2^31-1 then its real last stream id,
     and every stream carries on to OK within the grace (the run ends 3 s after it)."""
     server = start_server(0, "--grace", "30")
+
+    def sigterm(load: subprocess.Popen[str]) -> None:
+        time.sleep(2.0)  # the streams are open and answering (it dials in ms)
+        server.proc.send_signal(signal.SIGTERM)
+
     try:
-        proc = subprocess.Popen(
-            [
-                str(loadgen),
-                *("-addr", f"{HOST}:{server.port}", "-mode", "concurrent", "-goaways"),
-                *("-streams", "8", "-conns", "2", "-inflight", "10"),
-                *("-warmup", "1", "-seconds", "4"),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        result = go_load(
+            loadgen,
+            *("-addr", f"{HOST}:{server.port}", "-mode", "concurrent", "-goaways"),
+            *("-streams", "8", "-conns", "2", "-inflight", "10"),
+            *("-warmup", "1", "-seconds", "4"),
+            during=sigterm,
         )
-        try:
-            time.sleep(2.0)  # the streams are open and answering (it dials in ms)
-            server.proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=CALL_TIMEOUT + 30)
-        finally:
-            reap(proc)
-        assert proc.returncode == 0, err or out
-        result = json.loads(out)
-        assert result.get("error") is None, result
         assert result["verified"] > 0, result
         goaways = result["goaways"]
         assert len(goaways) == 4, goaways  # two per connection
@@ -301,28 +312,20 @@ def test_the_go_load_client_round_robin_over_a_rolling_restart_fails_no_stream(
     of both: each connection to a draining replica gets GOAWAY 2^31-1, then its real
     last stream id unless grpc-go, with no stream open on it, has closed it first;
     and not one stream fails (the load client stops at its first failure)."""
+
+    def roll(load: subprocess.Popen[str]) -> None:
+        pair.roll()
+        load.send_signal(signal.SIGINT)  # it ends its measured window and reports
+
     with replicas("--workers", workers) as pair:
-        proc = subprocess.Popen(
-            [
-                str(loadgen),
-                *("-addr", ",".join(f"{HOST}:{port}" for port in pair.ports)),
-                *("-mode", "short", "-goaways", "-per-stream", "3"),
-                *("-streams", str(THREADS), "-conns", "2"),
-                *("-warmup", "0", "-seconds", "600"),  # until SIGINT
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        result = go_load(
+            loadgen,
+            *("-addr", ",".join(f"{HOST}:{port}" for port in pair.ports)),
+            *("-mode", "short", "-goaways", "-per-stream", "3"),
+            *("-streams", str(THREADS), "-conns", "2"),
+            *("-warmup", "0", "-seconds", "600"),  # until SIGINT
+            during=roll,
         )
-        try:
-            pair.roll()
-            proc.send_signal(signal.SIGINT)
-            out, err = proc.communicate(timeout=CALL_TIMEOUT + 10)
-        finally:
-            reap(proc)
-    assert proc.returncode == 0, err or out
-    result = json.loads(out)
-    assert result.get("error") is None, result
     assert result["streams_done"] > 50, result
     goaways = result["goaways"]
     first = goaways.count(2**31 - 1)  # one per connection drained: 2 per replica

@@ -395,21 +395,27 @@ async def test_one_log_line_per_finished_stream(
 # --- the message-size limit ---------------------------------------------------------------
 
 
+async def echo_64_and_65_bytes(port: int) -> GRPCError:
+    """Echo a 64-byte request (answered) and a 65-byte one: its RESOURCE_EXHAUSTED."""
+    async with make_channel(HOST, port) as channel:
+        stub = MaxEchoStub(channel)
+        at_limit = EchoRequest(text="x" * 62)
+        assert len(bytes(at_limit)) == 64
+        assert (await stub.echo(at_limit, timeout=TIMEOUT)).text == at_limit.text
+        with pytest.raises(GRPCError) as over:
+            await stub.echo(EchoRequest(text="x" * 63), timeout=TIMEOUT)
+    assert over.value.status is Status.RESOURCE_EXHAUSTED
+    return over.value
+
+
 async def test_the_message_size_limit_is_decided_from_the_prefix() -> None:
     """With a 64-byte limit: a request of 64 bytes is answered, 65 are refused with
     RESOURCE_EXHAUSTED; a prefix alone that claims 1 GiB is refused at once, on the
     unary method and mid-stream on the bidi one (after the answers before it)."""
     async with running(Limits(max_message_size=64)) as server:
-        async with make_channel(HOST, server.port) as channel:
-            stub = MaxEchoStub(channel)
-            at_limit = EchoRequest(text="x" * 62)
-            assert len(bytes(at_limit)) == 64
-            assert (await stub.echo(at_limit, timeout=TIMEOUT)).text == at_limit.text
-            with pytest.raises(GRPCError) as over:
-                await stub.echo(EchoRequest(text="x" * 63), timeout=TIMEOUT)
-            assert over.value.status is Status.RESOURCE_EXHAUSTED
-            assert "65 bytes" in str(over.value.message)
-            assert "64 bytes" in str(over.value.message)
+        over = await echo_64_and_65_bytes(server.port)
+        assert "65 bytes" in str(over.message)
+        assert "64 bytes" in str(over.message)
 
         async with await H2Client.connect(server.port) as h2:
             unary = h2.open_stream(ECHO)
@@ -554,15 +560,8 @@ async def test_a_serve_option_of_the_layer_takes_effect_and_its_status_names_it(
     a 64-byte request is answered, a 65-byte one is RESOURCE_EXHAUSTED (under the
     layer's default of 4 MiB it would be answered), and the status names the flag to
     raise, one that this command has."""
-    async with make_channel(HOST, limited[2]) as channel:
-        stub = MaxEchoStub(channel)
-        at_limit = EchoRequest(text="x" * 62)
-        assert len(bytes(at_limit)) == 64
-        assert (await stub.echo(at_limit, timeout=TIMEOUT)).text == at_limit.text
-        with pytest.raises(GRPCError) as over:
-            await stub.echo(EchoRequest(text="x" * 63), timeout=TIMEOUT)
-    assert over.value.status is Status.RESOURCE_EXHAUSTED
-    assert over.value.message == (
+    over = await echo_64_and_65_bytes(limited[2])
+    assert over.message == (
         "request message of 65 bytes is larger than the server's limit of 64 bytes; "
         f"send smaller messages or raise {options.flag('max_message_size')}"
     )
