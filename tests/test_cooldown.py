@@ -14,21 +14,20 @@ import errno
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from h2.errors import ErrorCodes
 from processes import ServerProcess, reap, start_server
 from rawh2 import H2Client, RawSocket, frame
+from test_limits import ext_serving
 
 from benchmarks.floods import PREFACE, SETTINGS_FRAME
-from number_service import NumberClient, build_server
+from number_service import NumberClient
 from number_service.serving.grpclib_ext import Server, connections
 from number_service.serving.grpclib_ext.cooldown import Cooldown, address_key
 from number_service.serving.grpclib_ext.floods import RST_STREAM
 from number_service.serving.limits import Limits
-from number_service.serving.run import address_of, bind
 
 HOST = "127.0.0.1"
 COOLDOWN = 0.5  # seconds of the real server's first cool-down
@@ -212,18 +211,10 @@ async def test_with_the_cooldown_off_a_cut_address_comes_straight_back() -> None
         reap(srv.proc)
 
 
-@contextlib.asynccontextmanager
-async def cooling_server() -> AsyncIterator[tuple[Server, int]]:
+def cooling_server() -> contextlib.AbstractAsyncContextManager[tuple[Server, int]]:
     """An in-process server whose first cut cools its address down for 30 s; it and
     its port."""
-    sock = bind(HOST, 0)
-    built = build_server(limits=Limits(max_resets=RESETS, flood_cooldown=30.0))
-    await built.start(sock)
-    assert isinstance(built.server, Server)
-    try:
-        yield built.server, address_of(sock)[1]
-    finally:
-        await built.shutdown(grace=0)
+    return ext_serving(Limits(max_resets=RESETS, flood_cooldown=30.0))
 
 
 async def test_refused_connections_held_open_at_once_are_bounded(

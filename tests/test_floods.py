@@ -41,6 +41,7 @@ from polling import eventually
 from processes import ServerProcess, reap, start_server
 from rawh2 import H2Client, grpc_message
 from test_faults import rss, steady_rss
+from test_limits import ext_serving
 
 from benchmarks.floods import ATTACKS, Attack, Attacked, attack_for, frame
 from number_service import NumberClient, build_server, cli, server
@@ -62,7 +63,6 @@ from number_service.serving.grpclib_ext.floods import (
     FrameAccounting,
 )
 from number_service.serving.limits import Limits
-from number_service.serving.run import address_of, bind
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -392,14 +392,8 @@ def test_outbound_frames_cut_across_writes_are_followed() -> None:
 
 @pytest.fixture
 async def in_process() -> AsyncIterator[tuple[Server, int]]:
-    sock = bind(HOST, 0)
-    built = build_server()
-    await built.start(sock)
-    assert isinstance(built.server, Server)
-    try:
-        yield built.server, address_of(sock)[1]
-    finally:
-        await built.shutdown(grace=0)
+    async with ext_serving() as running:
+        yield running
 
 
 async def test_reset_and_refused_streams_leave_nothing_behind(

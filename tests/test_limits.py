@@ -39,6 +39,7 @@ from rawh2 import (
 from number_service import NumberClient, Serving, build_server
 from number_service.codec import encode_int32_field as num  # a NumberRequest's bytes
 from number_service.service import ACCUMULATE_NUMBERS
+from number_service.serving.grpclib_ext import Server
 from number_service.serving.limits import Limits
 from number_service.serving.run import address_of, bind
 from number_service.serving.settings import DEFAULT_MAX_MESSAGE_SIZE
@@ -49,8 +50,9 @@ CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
 
 @contextlib.asynccontextmanager
-async def serving(limits: Limits) -> AsyncIterator[tuple[Serving, int]]:
-    """A NumberService server with ``limits`` on 127.0.0.1:<ephemeral>; shut down after."""
+async def serving(limits: Limits | None = None) -> AsyncIterator[tuple[Serving, int]]:
+    """A NumberService server with ``limits`` (None: its defaults) on
+    127.0.0.1:<ephemeral>, and its port; shut down after."""
     sock = bind(HOST, 0)
     built = build_server(limits)
     await built.start(sock)
@@ -58,6 +60,15 @@ async def serving(limits: Limits) -> AsyncIterator[tuple[Serving, int]]:
         yield built, address_of(sock)[1]
     finally:
         await built.shutdown(grace=0)
+
+
+@contextlib.asynccontextmanager
+async def ext_serving(limits: Limits | None = None) -> AsyncIterator[tuple[Server, int]]:
+    """:func:`serving`'s grpclib_ext Server (for tests that look at its connections)
+    and its port."""
+    async with serving(limits) as (built, port):
+        assert isinstance(built.server, Server)
+        yield built.server, port
 
 
 def sums(data: list[bytes]) -> list[int]:
