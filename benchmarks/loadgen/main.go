@@ -407,6 +407,10 @@ func main() {
 	serverPid := flag.String("server-pid", "", "server processes (comma-separated pids) whose CPU time to report")
 	watchGoAways := flag.Bool("goaways", false, "report the last-stream-id of every GOAWAY received")
 	flag.Parse()
+	// The first SIGINT or SIGTERM ends the measured window; a second one kills.
+	signals, interrupted := make(chan os.Signal, 1), make(chan struct{})
+	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
+	go func() { <-signals; signal.Stop(signals); close(interrupted) }()
 
 	nStreams, nConns := 1, 1
 	switch *mode {
@@ -435,26 +439,30 @@ func main() {
 				return &frameReader{Conn: conn, log: log}, nil
 			}))
 	}
-	target := *addr
-	if addrs := strings.Split(*addr, ","); len(addrs) > 1 {
-		replicas := manual.NewBuilderWithScheme("replicas")
-		state := resolver.State{}
-		for _, a := range addrs {
-			state.Addresses = append(state.Addresses, resolver.Address{Addr: a})
-		}
-		replicas.InitialState(state)
+	target, addrs := *addr, strings.Split(*addr, ",")
+	if len(addrs) > 1 {
 		target = "replicas:///" + *addr
 		// Reconnect soon after a replica is back (grpc-go's backoff starts at 1 s).
 		retry := backoff.DefaultConfig
 		retry.BaseDelay, retry.MaxDelay = 100*time.Millisecond, 500*time.Millisecond
-		dialOpts = append(dialOpts, grpc.WithResolvers(replicas),
+		dialOpts = append(dialOpts,
 			grpc.WithDefaultServiceConfig(`{"loadBalancingConfig": [{"round_robin": {}}]}`),
 			grpc.WithConnectParams(grpc.ConnectParams{Backoff: retry}))
 	}
 	ccs := make([]*grpc.ClientConn, nConns)
 	for i := range ccs {
+		opts := dialOpts
+		if len(addrs) > 1 { // a resolver of its own for each connection
+			replicas := manual.NewBuilderWithScheme("replicas")
+			state := resolver.State{}
+			for _, a := range addrs {
+				state.Addresses = append(state.Addresses, resolver.Address{Addr: a})
+			}
+			replicas.InitialState(state)
+			opts = append(append([]grpc.DialOption(nil), dialOpts...), grpc.WithResolvers(replicas))
+		}
 		dctx, dcancel := context.WithTimeout(ctx, 10*time.Second)
-		cc, err := grpc.DialContext(dctx, target, dialOpts...)
+		cc, err := grpc.DialContext(dctx, target, opts...)
 		dcancel()
 		if err != nil {
 			fmt.Fprintf(os.Stderr, "loadgen: cannot connect to %s: %v\n", *addr, err)
@@ -484,9 +492,6 @@ func main() {
 		}(ccs[s%nConns])
 	}
 
-	signals, interrupted := make(chan os.Signal, 1), make(chan struct{})
-	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
-	go func() { <-signals; close(interrupted) }()
 	sleepOrStop := func(d float64) {
 		select {
 		case <-time.After(time.Duration(d * float64(time.Second))):
