@@ -220,10 +220,10 @@ def cooling_server() -> contextlib.AbstractAsyncContextManager[tuple[Server, int
 async def test_refused_connections_held_open_at_once_are_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Past COOLING_HELD refused connections waiting for their client to close, the
+    """Past REFUSED_HELD refused connections waiting for their client to close, the
     next is closed at once (its GOAWAY still written): an attacker that connects in
     parallel cannot make the server hold a socket for each."""
-    monkeypatch.setattr(connections, "COOLING_HELD", 2)
+    monkeypatch.setattr(connections, "REFUSED_HELD", 2)
     async with cooling_server() as (server, port):
         await cut(port)
         held = [await RawSocket.connect(port) for _ in range(2)]
@@ -231,17 +231,17 @@ async def test_refused_connections_held_open_at_once_are_bounded(
             got = await each.read(lambda r: r.goaway() is not None)
             assert got.goaway() is not None
         live = server.connections
-        assert live.cooling == 2
+        assert live.held == 2
         # It sends nothing: a close with bytes unread would be a reset, GOAWAY lost.
         closed, code, reason = await refused(port, send=False)
         assert closed
         assert code == ErrorCodes.ENHANCE_YOUR_CALM, (code, reason)
-        assert live.cooling == 2
+        assert live.held == 2
         assert live.cooled == 3
         for each in held:
             await each.close()
         await asyncio.sleep(0.2)
-        assert live.cooling == 0
+        assert live.held == 0
 
 
 class GoneTransport(asyncio.Transport):
@@ -288,7 +288,7 @@ async def test_a_client_gone_before_its_refusal_is_no_error(
             protocol.connection_made(transport)  # raised OSError before the fix
         assert b"cooling down" in transport.written
         assert transport.aborted
-        assert server.connections.cooling == 0
+        assert server.connections.held == 0
         protocol.connection_lost(None)
         loud = [r for r in caplog.records if r.levelno > logging.DEBUG]
         assert not loud, [r.getMessage() for r in loud][:3]

@@ -42,7 +42,7 @@ from number_service.service import ACCUMULATE_NUMBERS
 from number_service.serving.grpclib_ext import Server
 from number_service.serving.limits import Limits
 from number_service.serving.run import address_of, bind
-from number_service.serving.settings import DEFAULT_MAX_MESSAGE_SIZE
+from number_service.serving.settings import DEFAULT_MAX_MESSAGE_SIZE, flag
 
 HOST = "127.0.0.1"
 TIMEOUT = 10.0  # seconds: the longest any one wait here may take
@@ -258,6 +258,25 @@ def goaway_of(received: Received) -> GoAwayFrame:
     frames = [f for f in received.frames if isinstance(f, GoAwayFrame)]
     assert len(frames) == 1, received.frame_types()
     return frames[0]
+
+
+async def test_a_client_over_the_cap_that_sent_its_preface_reads_the_goaway() -> None:
+    """Over the cap, a client that has sent its preface and SETTINGS (bytes the server
+    never reads) still gets SETTINGS and the GOAWAY, then a FIN, not a reset: the
+    refused connection is held open, read and dropped, until the client closes."""
+    async with serving(Limits(max_connections=1)) as (built, port):
+        assert built.connections is not None
+        async with await handshaken(port):
+            async with await RawSocket.connect(port) as extra:
+                await extra.send(PREFACE + frame(SETTINGS, 0, 0) + b"more bytes, never read")
+                received = await extra.read(timeout=TIMEOUT)
+                assert received.closed  # the server's FIN
+                goaway = goaway_of(received)
+                assert goaway.error_code == ErrorCodes.NO_ERROR
+                assert flag("max_connections").encode() in goaway.additional_data
+                assert built.connections.held == 1
+            await eventually(lambda: built.connections is not None and built.connections.held == 0)
+        assert built.connections.refused == 1
 
 
 async def test_connections_over_the_cap_are_closed_with_goaway(

@@ -131,7 +131,7 @@ CLOSED_STREAMS_KEPT = 1024
 #: are held open at once, at most, each until its client closes or CLOSE_WAIT passes
 #: (so that it reads why); more are dropped at once, so that an attacker connecting
 #: in parallel cannot fill the fds.
-COOLING_HELD = 64
+REFUSED_HELD = 64
 
 
 class ConnectionLimits:
@@ -171,7 +171,7 @@ class Connections:
         self.idle_closed = 0  # connections closed by the idle timeout, in all
         self.cut = 0  # connections closed for breaking a flood limit, in all
         self.cooled = 0  # connections refused while their address cooled down, in all
-        self.cooling = 0  # refused connections held open now (COOLING_HELD at most)
+        self.held = 0  # refused connections held open now (REFUSED_HELD at most)
         #: The addresses whose connections were cut for a flood (see cooldown.py).
         self.cooldown = Cooldown(limits.cooldown)
         self.closing = False  # close() was called: connections made from now on are refused
@@ -286,7 +286,7 @@ class Connection(H2Protocol):
         self._connections = connections
         self._transport: asyncio.BaseTransport | None = None  # the socket's, not coalescing
         self._admitted = False  # False: refused, or not yet made
-        self._cooling = False  # refused for its address's cool-down, and held open
+        self._held_open = False  # refused (_turn_away), and held open until the client closes
         self._idle: asyncio.TimerHandle | None = None
         self.lost: asyncio.Future[None] | None = None  # done once the connection is gone
         self._accounting: FrameAccounting | None = None
@@ -376,12 +376,14 @@ class Connection(H2Protocol):
         for it), then a FIN; what the client still sends is read and dropped
         (data_received) until it closes, or CLOSE_WAIT passes: closing with its bytes
         unread (its preface, at least) would reset it, and the GOAWAY with it. Beyond
-        COOLING_HELD such connections at once, the others are closed at once."""
+        REFUSED_HELD such connections at once (cooling, over the cap, or made after
+        close(): one budget, so that none of them can fill the fds), the others are
+        closed at once."""
         self.handler.close()  # no stream will come: the server may forget the handler
         connections = self._connections
         transport = cast(asyncio.Transport, self._transport)
         transport.write(frames)
-        if connections.cooling >= COOLING_HELD or not transport.can_write_eof():  # TLS
+        if connections.held >= REFUSED_HELD or not transport.can_write_eof():  # TLS
             transport.close()
             return
         try:
@@ -389,8 +391,8 @@ class Connection(H2Protocol):
         except OSError:  # reset by the client already (ENOTCONN): nothing to say
             transport.abort()
             return
-        self._cooling = True
-        connections.cooling += 1
+        self._held_open = True
+        connections.held += 1
         self._abort_later = asyncio.get_running_loop().call_later(CLOSE_WAIT, self.abort)
 
     # --- idle timeout ------------------------------------------------------------------
@@ -594,15 +596,13 @@ class Connection(H2Protocol):
             if end < len(data):
                 self._inbound = bytearray(data[end:])
         if chunk:
-            coalescing = self._coalescing
-            if coalescing is None:
+            coalescing = self._coalescing  # set as the connection is admitted
+            assert coalescing is not None
+            coalescing.hold()  # its answers and the handlers' in one send (coalesce.py)
+            try:
                 self._feed(chunk)
-            else:  # its answers and the handlers' in one send (coalesce.py)
-                coalescing.hold()
-                try:
-                    self._feed(chunk)
-                finally:
-                    coalescing.release()
+            finally:
+                coalescing.release()
         verdict = take.verdict or accounting.verdict
         if verdict is not None:
             self._cut(verdict)
@@ -745,9 +745,9 @@ class Connection(H2Protocol):
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)  # nothing left to drain
         self._inbound = bytearray()
-        if self._cooling:
-            self._cooling = False
-            self._connections.cooling -= 1
+        if self._held_open:
+            self._held_open = False
+            self._connections.held -= 1
         if self._admitted:
             self._admitted = False
             self._connections.open -= 1
