@@ -14,12 +14,12 @@ any click command, each also read from ``<PREFIX><FLAG>`` in the environment, an
 
 Why it is the layer's: its statuses and log lines tell a person which flag to change
 ("raise --max-message-size"), and the supervisor passes ``--workers`` and ``--port``
-to its workers. They take those names from this table (:func:`flag`), so they name
-flags that every command built with :func:`serve_options` has, whichever service it
-serves, and renaming a flag here renames it in every message.
-
-The flag names themselves are :func:`.settings.flag`'s (the setting's name with
-dashes), so that the modules that name them need not import click or this table.
+to its workers. They spell them with :func:`.settings.flag` (the setting's name with
+dashes), the same rule this table's flags are made by (:attr:`Option.flag`), so they
+name flags that every command built with :func:`serve_options` has, whichever
+service it serves; ``settings.flag`` needs neither click nor this table, and
+tests/test_options.py checks that each setting a message names is one of the
+table's. :func:`flag` here is the same name, for a setting the table must have.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import click
 
 from . import settings
-from . import settings as d
 from .tls import TLSConfig
 
 if TYPE_CHECKING:
@@ -89,7 +88,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "host",
         None,
-        d.DEFAULT_HOST,
+        settings.DEFAULT_HOST,
         "Address to listen on; 0.0.0.0: all IPv4 interfaces; :: all interfaces, "
         "IPv4 and IPv6 (dual-stack).",
         to="config",
@@ -97,14 +96,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "port",
         click.IntRange(0, 65535),
-        d.DEFAULT_PORT,
+        settings.DEFAULT_PORT,
         "TCP port; 0 picks a free one (the ready line says which).",
         to="config",
     ),
     Option(
         "grace",
         click.FloatRange(min=0),
-        d.DEFAULT_GRACE,
+        settings.DEFAULT_GRACE,
         "Seconds in-flight streams get to finish after SIGTERM/SIGINT; "
         "those left then end with UNAVAILABLE.",
         to="config",
@@ -119,7 +118,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "metrics_host",
         None,
-        d.DEFAULT_HOST,
+        settings.DEFAULT_HOST,
         "Address for the metrics endpoint.",
         to="config",
     ),
@@ -169,35 +168,35 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_message_size",
         click.IntRange(min=1),
-        d.DEFAULT_MAX_MESSAGE_SIZE,
+        settings.DEFAULT_MAX_MESSAGE_SIZE,
         "Largest request message, bytes (at least 1); a larger one ends its stream "
         "with RESOURCE_EXHAUSTED.",
     ),
     Option(
         "max_concurrent_streams",
         click.IntRange(1, 2**31 - 1),
-        d.DEFAULT_MAX_CONCURRENT_STREAMS,
+        settings.DEFAULT_MAX_CONCURRENT_STREAMS,
         "Streams open at once per connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS); "
         "clients queue the rest.",
     ),
     Option(
         "max_connections",
         click.IntRange(min=0),
-        d.DEFAULT_MAX_CONNECTIONS,
+        settings.DEFAULT_MAX_CONNECTIONS,
         "Open connections at once; more are closed at once with a GOAWAY. 0: no cap.",
         zero_is_off=True,
     ),
     Option(
         "keepalive_time",
         click.FloatRange(min=0),
-        d.DEFAULT_KEEPALIVE_TIME,
+        settings.DEFAULT_KEEPALIVE_TIME,
         "Seconds between the server's keepalive pings on each connection. 0: no pings.",
         zero_is_off=True,
     ),
     Option(
         "keepalive_timeout",
         click.FloatRange(min=0, min_open=True),
-        d.DEFAULT_KEEPALIVE_TIMEOUT,
+        settings.DEFAULT_KEEPALIVE_TIMEOUT,
         "Seconds a ping may go unanswered before the connection is closed.",
     ),
     Option(
@@ -219,7 +218,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_empty_frames",
         click.IntRange(min=0),
-        d.DEFAULT_MAX_EMPTY_FRAMES,
+        settings.DEFAULT_MAX_EMPTY_FRAMES,
         "Empty DATA/HEADERS/CONTINUATION frames (no END_STREAM) a client may send in a "
         "row; one more closes its connection (GOAWAY ENHANCE_YOUR_CALM). 0: no limit.",
         zero_is_off=True,
@@ -227,14 +226,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_priority_frames",
         click.IntRange(min=0),
-        d.DEFAULT_MAX_PRIORITY_FRAMES,
+        settings.DEFAULT_MAX_PRIORITY_FRAMES,
         "PRIORITY frames per stream a client opens; more close its connection. 0: no limit.",
         zero_is_off=True,
     ),
     Option(
         "max_window_updates",
         click.IntRange(min=0),
-        d.DEFAULT_MAX_WINDOW_UPDATES,
+        settings.DEFAULT_MAX_WINDOW_UPDATES,
         "WINDOW_UPDATE frames per DATA frame the server sends (+5 + 2 per stream); more "
         "close the connection. 0: no limit.",
         zero_is_off=True,
@@ -242,7 +241,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "min_ping_interval",
         click.FloatRange(min=0),
-        d.DEFAULT_MIN_PING_INTERVAL,
+        settings.DEFAULT_MIN_PING_INTERVAL,
         "Seconds a client should leave between PINGs while the server sends no data; "
         "the third PING sooner closes its connection (too_many_pings). 0: no limit.",
         zero_is_off=True,
@@ -250,7 +249,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_settings",
         click.IntRange(min=0),
-        d.DEFAULT_MAX_SETTINGS,
+        settings.DEFAULT_MAX_SETTINGS,
         "SETTINGS frames a client may send while the server sends no data; more close "
         "its connection. 0: no limit.",
         zero_is_off=True,
@@ -258,7 +257,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_resets",
         click.IntRange(min=0),
-        d.DEFAULT_MAX_RESETS,
+        settings.DEFAULT_MAX_RESETS,
         "Streams of a connection reset before the server answered them; more (once "
         "they are over half its streams) close it (Rapid Reset). 0: no limit.",
         zero_is_off=True,
@@ -266,7 +265,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "flood_cooldown",
         click.FloatRange(min=0),
-        d.DEFAULT_FLOOD_COOLDOWN,
+        settings.DEFAULT_FLOOD_COOLDOWN,
         "Seconds new connections from an address are refused after one of its "
         "connections was cut for a flood; doubled for each further cut within 5 min, up to "
         "60. Clients behind one NAT or proxy share it. 0: off.",
@@ -275,7 +274,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_queued_control_frames",
         click.IntRange(min=0),
-        d.DEFAULT_MAX_QUEUED_CONTROL_FRAMES,
+        settings.DEFAULT_MAX_QUEUED_CONTROL_FRAMES,
         "PING/SETTINGS/RST_STREAM answers queued for a client that does not read; more "
         "close its connection. 0: no limit.",
         zero_is_off=True,
@@ -283,7 +282,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_frames_per_turn",
         click.IntRange(min=0),
-        d.DEFAULT_MAX_FRAMES_PER_TURN,
+        settings.DEFAULT_MAX_FRAMES_PER_TURN,
         "Frames of one connection handled per event-loop turn, so that others are "
         "served meanwhile. 0: no limit.",
         zero_is_off=True,
@@ -291,7 +290,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_messages_per_turn",
         click.IntRange(min=0),
-        d.DEFAULT_MAX_MESSAGES_PER_TURN,
+        settings.DEFAULT_MAX_MESSAGES_PER_TURN,
         "Requests one connection's streams take, together, per event-loop turn, so "
         "that others are served meanwhile. 0: no limit.",
         zero_is_off=True,
@@ -299,7 +298,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_connection_buffer",
         click.IntRange(min=0),
-        d.DEFAULT_MAX_CONNECTION_BUFFER,
+        settings.DEFAULT_MAX_CONNECTION_BUFFER,
         "Request bytes a connection's streams may make the server hold (partial messages "
         "included); a stream going over ends with RESOURCE_EXHAUSTED. 0: no limit.",
         zero_is_off=True,
@@ -307,7 +306,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "max_process_buffer",
         click.IntRange(min=0),
-        d.DEFAULT_MAX_PROCESS_BUFFER,
+        settings.DEFAULT_MAX_PROCESS_BUFFER,
         "Request bytes all connections together may make the server hold; a stream "
         "going over ends with RESOURCE_EXHAUSTED. 0: no limit.",
         zero_is_off=True,
@@ -334,7 +333,8 @@ def flag(setting: str) -> str:
 
 def env_var(prefix: str, setting: str) -> str:
     """The environment variable of ``setting`` under ``prefix``: ``MY_APP_MAX_CONNECTIONS``."""
-    return prefix + option(setting).flag.removeprefix("--").replace("-", "_").upper()
+    option(setting)  # a misspelt setting fails here
+    return prefix + setting.upper()
 
 
 def serve_options(
