@@ -93,8 +93,8 @@ def test_the_table_covers_every_setting_of_limits_and_serve_config() -> None:
     to = {where: {o.setting for o in options.OPTIONS if o.to == where} for where in ("limits",)}
     to["config"] = {o.setting for o in options.OPTIONS if o.to == "config"}
     # Not flags: set by the serve command itself (tls, workers, worker) or by the
-    # application (name, trace_messages, tls_handshake_timeout: no flag yet).
-    assert to["limits"] == limits - {"tls_handshake_timeout"}
+    # application (name, trace_messages).
+    assert to["limits"] == limits
     assert to["config"] == config - {
         "tls",
         "workers",
@@ -133,9 +133,11 @@ def run(args: list[str], base: ServeConfig, **kwargs: Any) -> tuple[ServeConfig 
 
 
 def test_values_become_the_serve_config_and_its_limits() -> None:
-    base = ServeConfig(name="app", limits=Limits(max_message_size=99, tls_handshake_timeout=2))
+    base = ServeConfig(name="app", limits=Limits(max_message_size=99))
+    args = ["--port", "0", "--max-connections", "0", "--idle-timeout", "7"]
+    args += ["--max-resets", "5", "--tls-handshake-timeout", "2.5"]
     config, out = run(
-        ["--port", "0", "--max-connections", "0", "--idle-timeout", "7", "--max-resets", "5"],
+        args,
         base,
         defaults={"max_message_size": 1234},
     )
@@ -147,7 +149,7 @@ def test_values_become_the_serve_config_and_its_limits() -> None:
         max_connections=None,  # 0: no cap
         idle_timeout=7.0,
         max_resets=5,
-        tls_handshake_timeout=2,  # no flag: the application's base value
+        tls_handshake_timeout=2.5,
     )
 
 

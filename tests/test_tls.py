@@ -224,6 +224,29 @@ async def test_a_tls_handshake_never_started_is_cut_after_the_handshake_timeout(
         assert await sums(port, client_context(ca=certs.ca)) == SUMS
 
 
+async def test_serve_takes_the_tls_handshake_timeout_from_its_flag_and_environment(
+    certs: Certs,
+) -> None:
+    """`serve --tls-handshake-timeout 0.5` (and NUMBER_SERVICE_TLS_HANDSHAKE_TIMEOUT):
+    a TCP connection that never starts its handshake is closed well before the
+    default 10 s; a TLS client is served."""
+    tls = ("--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key))
+    for args, env in (
+        (("--tls-handshake-timeout", "0.5"), None),
+        ((), {"NUMBER_SERVICE_TLS_HANDSHAKE_TIMEOUT": "0.5"}),
+    ):
+        srv = start_server(0, *tls, *args, env=env)
+        try:
+            async with await RawSocket.connect(srv.port) as silent:
+                started = time.monotonic()
+                received = await silent.read(timeout=5.0)
+                assert received.closed, f"{args or env}: not closed after 5 s"
+                assert time.monotonic() - started < 5.0
+            assert await sums(srv.port, client_context(ca=certs.ca)) == SUMS
+        finally:
+            assert srv.stop() == 0
+
+
 async def test_shutdown_closes_tls_connections_left_open(certs: Certs) -> None:
     """A TLS client that holds its connection is closed by the shutdown; one stuck
     before its handshake lasts the handshake timeout at most (on Python 3.13+ it is

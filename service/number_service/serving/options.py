@@ -158,6 +158,13 @@ OPTIONS: tuple[Option, ...] = (
         to="command",
     ),
     Option(
+        "tls_handshake_timeout",
+        click.FloatRange(min=0, min_open=True),
+        settings.DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+        "Seconds a TLS client has to finish its handshake; a slower one is closed "
+        "(not counted by --max-connections until it is done).",
+    ),
+    Option(
         "workers",
         WorkerCount(),
         "1",

@@ -1,7 +1,6 @@
 """The settings of :class:`.run.ServeConfig` and :class:`.limits.Limits`: their
 defaults (those that are not off), and the command-line flag that sets each
-(:func:`flag`; ``tls_handshake_timeout`` has none yet), in a module that imports
-nothing.
+(:func:`flag`), in a module that imports nothing.
 
 They live apart from those classes, and from the click options of
 :mod:`.options`, so that any module of the layer can name a flag in a status or a
