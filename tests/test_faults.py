@@ -53,6 +53,7 @@ from number_service.serving.streams import StreamRecord
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 TIMEOUT = 10.0  # seconds: the bound on every wait that should take far less
+SLOW_TIMEOUT = 60.0  # seconds: the bound on a wait for the server to read megabytes of frames
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
 # grpclib's defaults (grpclib.config.Configuration): what a server lets one
@@ -190,11 +191,11 @@ class RawH2:
             assert not self.eof, "server closed the connection"
             await self.pump(min(left, 0.1))
 
-    async def barrier(self) -> None:
+    async def barrier(self, timeout: float = TIMEOUT) -> None:
         """Return once the server has read every frame sent so far (a PING's ACK)."""
         expected = self.pongs + 1
         self.ping()
-        await self.until(lambda: self.pongs >= expected)
+        await self.until(lambda: self.pongs >= expected, timeout)
 
     def sums(self, stream_id: int) -> list[int]:
         return sums_in(bytes(self.data[stream_id]))
@@ -450,7 +451,9 @@ async def test_client_that_never_reads_costs_bounded_memory(frame_payload: int) 
                 sent += count * payload
                 await asyncio.wait_for(raw.writer.drain(), TIMEOUT)
                 continue
-            await raw.barrier()  # the server has read all we sent, and acked what it will
+            # The server has read all we sent and acked what it will. Up to 4 MiB of
+            # 7-byte frames: past 10 s of its CPU once, with CI's three suites at once.
+            await raw.barrier(SLOW_TIMEOUT)
             if raw.h2.local_flow_control_window(stream) - sent < payload:
                 await raw.pump(0.3)  # a late WINDOW_UPDATE from the handler?
                 if raw.h2.local_flow_control_window(stream) - sent < payload:
