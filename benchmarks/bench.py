@@ -661,7 +661,7 @@ def table(rows: list[dict[str, Any]], servers: list[str]) -> str:
 CEILING_OF = {
     "stream": ("pairs", "pairs_per_s"),
     "concurrent": ("pairs", "pairs_per_s"),
-    "pipelined-many": ("pairs", "pairs_per_s"),
+    "pipelined-many": ("pipelined", "pairs_per_s"),
     "short": ("short", "streams_per_s"),
 }
 
@@ -686,7 +686,8 @@ def reach(rows: list[dict[str, Any]], servers: list[str]) -> dict[str, Any]:
         fractions[mode] = {name: row[name] / top for name in servers}
         shares = ", ".join(f"{name} {row[name] / top:.0%}" for name in servers)
         unit = "streams/s" if kind == "short" else "pairs/s"
-        lines.append(f"  {mode}: of the ceiling's {top:,.0f} {unit}: {shares}")
+        of = "the pipelined ceiling" if kind == "pipelined" else "the ceiling"
+        lines.append(f"  {mode}: of {of}'s {top:,.0f} {unit}: {shares}")
     return {
         "measured": {kind: asdict(value) for kind, value in found.items()},
         "fractions": fractions,

@@ -16,7 +16,11 @@ same h2 calls our server makes for each message, in the same order:
   (``acknowledge_received_data``, which sends a WINDOW_UPDATE when h2's window
   manager decides to) and flushed, one DATA frame sent with the answer and flushed;
 - per stream, at its end (``short`` only): the client's empty DATA with END_STREAM
-  received, the trailers HEADERS sent with END_STREAM.
+  received, the trailers HEADERS sent with END_STREAM;
+- ``pipelined``: every stream has a batch of requests in each read (as a client
+  pipelining on many streams fills a socket read); they are all received in one
+  ``receive_data``, each stream's credit is given back once, and each stream's
+  answers go out in one DATA frame, as our server's BatchingStream does at best.
 
 Only the server's calls are timed (the client's h2 is driven by the same loop but
 not counted), one frame per ``receive_data`` as under a lock-step client. So
@@ -59,7 +63,8 @@ ANSWER = b"\x00\x00\x00\x00\x03\x08\xd0\x0f"  # NumberResponse(sum=2000)
 class Ceiling:
     """One measurement: the server's h2 time over ``pairs`` requests and answers."""
 
-    kind: str  # "pairs": long-lived streams; "short": streams of `numbers` pairs
+    kind: str  # "pairs": long-lived streams; "short": streams of `numbers` pairs;
+    # "pipelined": long-lived streams, a batch of requests on each in every read
     streams: int
     pairs: int
     server_seconds: float
@@ -130,9 +135,10 @@ class Pair:
         client = self.client
         for event in client.receive_data(data):
             if isinstance(event, DataReceived) and event.flow_controlled_length:
-                if event.data != ANSWER:
-                    raise AssertionError(f"the client got {event.data!r}, not the answer")
-                self.answers += 1
+                count = len(event.data) // len(ANSWER)
+                if not count or event.data != ANSWER * count:
+                    raise AssertionError(f"the client got {event.data!r}, not answers")
+                self.answers += count
                 client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, StreamEnded):
                 self.ended += 1
@@ -170,6 +176,32 @@ class Pair:
         assert any(isinstance(e, DataReceived) for e in events), events
         self._send(stream_id, headers=first)
 
+    def batch(self, stream_ids: list[int], size: int) -> None:
+        """``size`` requests on each stream, all in one read; each stream's credit back
+        at once and its ``size`` answers in one DATA frame (timed)."""
+        client = self.client
+        for stream_id in stream_ids:
+            for _ in range(size):
+                client.send_data(stream_id, REQUEST)
+        data = client.data_to_send()
+        server = self.server
+        answers = ANSWER * size
+        t0 = time.perf_counter()
+        credit: dict[int, int] = {}
+        for event in server.receive_data(data):
+            if isinstance(event, DataReceived) and event.flow_controlled_length:
+                stream_id = event.stream_id
+                credit[stream_id] = credit.get(stream_id, 0) + event.flow_controlled_length
+        out = server.data_to_send()
+        for stream_id, size_ in credit.items():
+            server.acknowledge_received_data(size_, stream_id)
+            server.send_data(stream_id, answers)
+        out += server.data_to_send()
+        self.spent += time.perf_counter() - t0
+        if len(credit) != len(stream_ids):
+            raise AssertionError(f"requests on {len(credit)} of {len(stream_ids)} streams")
+        self._to_client(out)
+
     def close(self, stream_id: int) -> None:
         self.client.end_stream(stream_id)
         events = self._to_server(self.client.data_to_send())
@@ -190,6 +222,26 @@ def long_streams(streams: int = 100, pairs: int = 30_000, lean: bool = False) ->
     if pair.answers != streams + pairs:
         raise AssertionError(f"{pair.answers} answers for {streams + pairs} requests")
     return _result("pairs", streams, pairs, pair.spent, 0, 0)
+
+
+def pipelined_streams(
+    streams: int = 100, size: int = 10, pairs: int = 30_000, lean: bool = False
+) -> Ceiling:
+    """``streams`` open streams on one connection, ``size`` requests on each in every
+    read, about ``pairs`` in all."""
+    pair = Pair(lean)
+    ids = [pair.open() for _ in range(streams)]
+    for stream_id in ids:
+        pair.pair(stream_id, first=True)
+    rounds = max(1, pairs // (streams * size))
+    pair.spent = 0.0
+    gc.collect()
+    for _ in range(rounds):
+        pair.batch(ids, size)
+    done = rounds * streams * size
+    if pair.answers != streams + done:
+        raise AssertionError(f"{pair.answers} answers for {streams + done} requests")
+    return _result("pipelined", streams, done, pair.spent, 0, size)
 
 
 def short_streams(count: int = 4000, numbers: int = 5, lean: bool = False) -> Ceiling:
@@ -229,21 +281,25 @@ def _result(
 
 
 def measure(scale: float = 1.0, lean: bool = False) -> dict[str, Ceiling]:
-    """Both measurements; ``scale`` shortens them (tests); ``lean``: with our h2 fixes."""
+    """Every measurement; ``scale`` shortens them (tests); ``lean``: with our h2 fixes."""
     return {
         "pairs": long_streams(pairs=max(200, int(30_000 * scale)), lean=lean),
         "short": short_streams(count=max(20, int(4000 * scale)), lean=lean),
+        "pipelined": pipelined_streams(pairs=max(1000, int(60_000 * scale)), lean=lean),
     }
 
 
 def describe(found: dict[str, Ceiling], lean: bool = False) -> str:
-    long_, short = found["pairs"], found["short"]
+    long_, short, piped = found["pairs"], found["short"], found["pipelined"]
     fixes = ", with grpclib_ext.lean's h2 fixes" if lean else ""
     return (
         f"h2 alone (benchmarks/ceiling.py, server side, one core{fixes}): "
         f"{long_.us_per_pair:.1f} us per request+answer on {long_.streams} open streams "
         f"= {long_.pairs_per_s:,.0f} pairs/s; short streams of {short.per_stream} numbers: "
-        f"{short.us_per_pair:.1f} us per pair = {short.streams_per_s:,.0f} streams/s"
+        f"{short.us_per_pair:.1f} us per pair = {short.streams_per_s:,.0f} streams/s; "
+        f"{piped.streams} streams with {piped.per_stream} requests each per read, answered "
+        f"in one DATA frame: {piped.us_per_pair:.1f} us per pair = "
+        f"{piped.pairs_per_s:,.0f} pairs/s"
     )
 
 

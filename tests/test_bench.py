@@ -259,11 +259,12 @@ def test_the_ceiling_runs_the_servers_exchange_and_times_it() -> None:
     from benchmarks import ceiling
 
     found = ceiling.measure(scale=0.01)  # ceiling checks every answer and trailer arrived
-    long_, short = found["pairs"], found["short"]
+    long_, short, piped = found["pairs"], found["short"], found["pipelined"]
     assert (long_.streams, long_.pairs) == (100, 300)
     assert short.per_stream == 5
     assert short.pairs == 5 * 40
-    for measured in (long_, short):
+    assert (piped.streams, piped.per_stream, piped.pairs) == (100, 10, 1000)
+    for measured in (long_, short, piped):
         assert measured.server_seconds > 0
         assert measured.pairs_per_s == pytest.approx(1e6 / measured.us_per_pair)
     assert short.streams_per_s == pytest.approx(short.pairs_per_s / 5)
@@ -279,20 +280,28 @@ def test_the_bench_says_what_fraction_of_the_ceiling_each_server_reached(
         return {
             "pairs": ceiling.Ceiling("pairs", 100, 10, 1.0, 20.0, 50_000.0, 0.0, 0),
             "short": ceiling.Ceiling("short", 1, 10, 1.0, 40.0, 25_000.0, 5_000.0, 5),
+            "pipelined": ceiling.Ceiling("pipelined", 100, 10, 1.0, 10.0, 100_000.0, 0.0, 10),
         }
 
     monkeypatch.setattr(ceiling, "measure", fake)
     rows = [
         {"mode": "concurrent", "metric": "msg/s", "ours": 25_000.0, "grpc.aio": 10_000.0},
         {"mode": "short", "metric": "streams/s", "ours": 1_000.0, "grpc.aio": 500.0},
+        {"mode": "pipelined-many", "metric": "msg/s", "ours": 50_000.0, "grpc.aio": 25_000.0},
         {"mode": "pingpong", "metric": "p50 us", "ours": 200.0, "grpc.aio": 220.0},
     ]
     found = bench_module.reach(rows, ["ours", "grpc.aio"])
     assert found["fractions"] == {
         "concurrent": {"ours": 0.5, "grpc.aio": 0.2},
         "short": {"ours": 0.2, "grpc.aio": 0.1},
+        "pipelined-many": {"ours": 0.5, "grpc.aio": 0.25},
     }
-    assert "  concurrent: of the ceiling's 50,000 pairs/s: ours 50%, grpc.aio 20%" in found["lines"]
+    lines = found["lines"]
+    assert "  concurrent: of the ceiling's 50,000 pairs/s: ours 50%, grpc.aio 20%" in lines
+    assert (
+        "  pipelined-many: of the pipelined ceiling's 100,000 pairs/s: ours 50%, grpc.aio 25%"
+        in lines
+    )
 
 
 def test_the_memory_breakdown_counts_idle_streams_by_owner() -> None:
