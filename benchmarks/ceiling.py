@@ -230,6 +230,10 @@ def pipelined_streams(
     """``streams`` open streams on one connection, ``size`` requests on each in every
     read, about ``pairs`` in all."""
     pair = Pair(lean)
+    # The client's connection window as grpc-go's grows it (BDP estimation, up to 16
+    # MiB), so a read's answers on every stream fit in it.
+    pair.client.increment_flow_control_window(2**24 - 65_535)
+    pair._to_server(pair.client.data_to_send())
     ids = [pair.open() for _ in range(streams)]
     for stream_id in ids:
         pair.pair(stream_id, first=True)
