@@ -26,6 +26,7 @@ from number_service.pytest_plugin import RunningServer
 from number_service.service import NumberService
 from number_service.serving.grpclib_ext import BATCH, mismatch
 from number_service.serving.grpclib_ext import Server as BatchingServer
+from number_service.serving.grpclib_ext.stream import Turn
 from number_service.serving.run import address_of, bind
 from number_service.serving.streams import TRAILERS_WAIT, StreamRecord
 from number_service_gen.tutorial import NumberRequest, NumberResponse
@@ -278,3 +279,62 @@ async def test_shutdown_ends_even_when_a_client_never_reads() -> None:
         assert loop.time() - started < 0.5 + TRAILERS_WAIT + 2
     finally:
         raw.close()
+
+
+# --- a connection's share of a loop turn ------------------------------------------------
+
+
+class CountedTurn(Turn):
+    """A Turn that records the requests taken between two of its resets."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.periods = [0]
+
+    def take(self) -> bool:
+        ok = super().take()
+        self.periods[-1] += ok
+        return ok
+
+    def _next_turn(self) -> None:
+        self.periods.append(0)
+        super()._next_turn()
+
+
+async def busy_stream(turn: Turn, ready: int, waits: list[int], index: int) -> None:
+    """What BatchingStream.__anext__ does with its turn, for ``ready`` requests."""
+    while ready:
+        if not turn.take():
+            waits[index] += 1
+            await turn.wait(ready)
+            continue
+        ready -= 1
+        if not ready % BATCH:
+            await asyncio.sleep(0)
+
+
+async def test_streams_past_their_connections_share_wait_in_line_not_in_a_spin() -> None:
+    """100 streams with 64 requests each on one connection, a share of 64 per turn:
+    no turn takes more than the share, every request is taken, and each stream waits
+    twice at most (in line). Woken all at every turn, each would wait ~50 times."""
+    turn = CountedTurn(64)
+    waits = [0] * 100
+    await asyncio.wait_for(
+        asyncio.gather(*(busy_stream(turn, 64, waits, i) for i in range(100))), 10
+    )
+    assert sum(turn.periods) == 100 * 64
+    assert max(turn.periods) <= 64
+    assert max(waits) <= 2, sorted(waits)[-5:]
+
+
+async def test_a_stream_cancelled_while_in_line_does_not_stall_the_others() -> None:
+    """The first streams in line are cancelled while they wait: the turn that wakes
+    them skips them, and the rest are all served."""
+    turn = Turn(8)
+    waits = [0] * 20
+    tasks = [asyncio.ensure_future(busy_stream(turn, 8, waits, i)) for i in range(20)]
+    await asyncio.sleep(0)  # the first takes the share; the others are in line now
+    for task in tasks[1:6]:
+        task.cancel()
+    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    assert [t.cancelled() for t in tasks] == [False] + [True] * 5 + [False] * 14

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -107,23 +108,52 @@ class Turn:
     Each stream already yields after :data:`BATCH` requests; but a connection with a
     hundred busy streams would still get a hundred batches per turn, and a lock-step
     client on another connection one answer per ~50 ms. Past ``limit`` requests in a
-    turn, the connection's streams wait for the next one."""
+    turn, the connection's streams wait for a later one (:meth:`wait`), in line: each
+    turn wakes, first come first, only the streams that the turn's share can serve.
+    (Each stream retrying at every turn cost a task step per stream per turn: with
+    100 busy streams and a share of 64, 2.3 sleeps for each request answered.)
+    """
 
-    __slots__ = ("limit", "used")
+    __slots__ = ("_line", "_scheduled", "limit", "used")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self._scheduled = False  # a _next_turn is on the loop's ready queue
+        self._line: deque[tuple[asyncio.Future[None], int]] = deque()
 
     def take(self) -> bool:
         """Count one request in; False once the turn's share is used up."""
-        if not self.used:  # the first of this turn: start afresh at the next
-            asyncio.get_running_loop().call_soon(self._next_turn)
+        if not self._scheduled:  # the first of this turn: start afresh at the next
+            self._schedule()
         self.used += 1
         return self.used <= self.limit
 
+    async def wait(self, wanted: int) -> None:
+        """Wait in line for a turn with share left; ``wanted``: the requests the
+        stream has ready (how much of that share it will take)."""
+        future = asyncio.get_running_loop().create_future()
+        self._line.append((future, wanted))
+        if not self._scheduled:
+            self._schedule()
+        await future
+
+    def _schedule(self) -> None:
+        self._scheduled = True
+        asyncio.get_running_loop().call_soon(self._next_turn)
+
     def _next_turn(self) -> None:
+        self._scheduled = False
         self.used = 0
+        line = self._line
+        planned = 0
+        while line and planned < self.limit:
+            future, wanted = line.popleft()
+            if not future.done():  # not cancelled meanwhile
+                future.set_result(None)
+                planned += max(1, min(wanted, BATCH))
+        if line:  # the rest wait for the next turn, which must come
+            self._schedule()
 
 
 class Budget:
@@ -262,12 +292,17 @@ class BatchingStream(Stream[_Recv, _Send]):
             ready = self._ready
             if ready:
                 turn = self._turn
-                if self._run >= BATCH or (turn is not None and not turn.take()):
-                    # A whole batch without waiting, or the connection's share of this
-                    # loop turn is used up (by its other streams too): let others run.
+                if self._run >= BATCH:  # a whole batch without waiting: let others run
                     self._run = 0
                     await self.flush()
                     await asyncio.sleep(0)
+                    continue
+                if turn is not None and not turn.take():
+                    # The connection's share of this loop turn is used up (by its other
+                    # streams too): wait in line for a later turn.
+                    self._run = 0
+                    await self.flush()
+                    await turn.wait(len(ready))
                     continue
                 self._run += 1
                 self._received += 1
