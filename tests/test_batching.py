@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+from collections import Counter
 
 from grpclib import events
 from grpclib.const import Cardinality, Handler, Status
@@ -285,32 +286,49 @@ async def test_shutdown_ends_even_when_a_client_never_reads() -> None:
 
 
 class CountedTurn(Turn):
-    """A Turn that records the requests taken between two of its resets."""
+    """A Turn that counts its resets (the periods its share is for)."""
 
     def __init__(self, limit: int) -> None:
         super().__init__(limit)
-        self.periods = [0]
-
-    def take(self) -> bool:
-        ok = super().take()
-        self.periods[-1] += ok
-        return ok
+        self.period = 0
 
     def _next_turn(self) -> None:
-        self.periods.append(0)
+        self.period += 1
         super()._next_turn()
 
 
-async def busy_stream(turn: Turn, ready: int, waits: list[int], index: int) -> None:
-    """What BatchingStream.__anext__ does with its turn, for ``ready`` requests."""
+class Taken:
+    """Which stream took requests in which period of a CountedTurn."""
+
+    def __init__(self, streams: int) -> None:
+        self.per_period: Counter[int] = Counter()
+        self.waits = [0] * streams
+        self.longest_gap = [0] * streams  # periods between two takes of a stream
+        self.last = [0] * streams
+
+
+async def busy_stream(turn: CountedTurn, ready: int, taken: Taken, index: int) -> None:
+    """What BatchingStream.__anext__ does with its Turn, for ``ready`` requests that
+    are all there at once (it decodes BATCH at a time)."""
+    granted = run = 0
     while ready:
-        if not turn.take():
-            waits[index] += 1
-            await turn.wait(ready)
+        if run >= BATCH:
+            run = 0
+            await asyncio.sleep(0)
+            continue
+        if granted:
+            granted -= 1
+        elif not turn.take():
+            run = 0
+            taken.waits[index] += 1
+            granted = await turn.wait(min(ready, BATCH))
             continue
         ready -= 1
-        if not ready % BATCH:
-            await asyncio.sleep(0)
+        run += 1
+        taken.per_period[turn.period] += 1
+        gap = turn.period - taken.last[index]
+        taken.longest_gap[index] = max(taken.longest_gap[index], gap)
+        taken.last[index] = turn.period
 
 
 async def test_streams_past_their_connections_share_wait_in_line_not_in_a_spin() -> None:
@@ -318,23 +336,40 @@ async def test_streams_past_their_connections_share_wait_in_line_not_in_a_spin()
     no turn takes more than the share, every request is taken, and each stream waits
     twice at most (in line). Woken all at every turn, each would wait ~50 times."""
     turn = CountedTurn(64)
-    waits = [0] * 100
+    taken = Taken(100)
     await asyncio.wait_for(
-        asyncio.gather(*(busy_stream(turn, 64, waits, i) for i in range(100))), 10
+        asyncio.gather(*(busy_stream(turn, 64, taken, i) for i in range(100))), 10
     )
-    assert sum(turn.periods) == 100 * 64
-    assert max(turn.periods) <= 64
-    assert max(waits) <= 2, sorted(waits)[-5:]
+    assert sum(taken.per_period.values()) == 100 * 64
+    assert max(taken.per_period.values()) <= 64
+    assert max(taken.waits) <= 2, sorted(taken.waits)[-5:]
+
+
+async def test_the_line_is_first_come_first_served() -> None:
+    """100 streams with 10 batches each, a share of one batch per turn: a stream that
+    comes back from its batch's yield goes to the back of the line, so each waits
+    for the others' batches (~100 turns) and never much longer. Let past the line,
+    one stream kept the share for turns on end and another waited ~990 turns."""
+    turn = CountedTurn(64)
+    taken = Taken(100)
+    await asyncio.wait_for(
+        asyncio.gather(*(busy_stream(turn, 640, taken, i) for i in range(100))), 20
+    )
+    assert sum(taken.per_period.values()) == 100 * 640
+    assert max(taken.per_period.values()) <= 64
+    assert max(taken.longest_gap) <= 110, sorted(taken.longest_gap)[-5:]
 
 
 async def test_a_stream_cancelled_while_in_line_does_not_stall_the_others() -> None:
     """The first streams in line are cancelled while they wait: the turn that wakes
     them skips them, and the rest are all served."""
-    turn = Turn(8)
-    waits = [0] * 20
-    tasks = [asyncio.ensure_future(busy_stream(turn, 8, waits, i)) for i in range(20)]
+    turn = CountedTurn(8)
+    taken = Taken(20)
+    tasks = [asyncio.ensure_future(busy_stream(turn, 8, taken, i)) for i in range(20)]
     await asyncio.sleep(0)  # the first takes the share; the others are in line now
     for task in tasks[1:6]:
         task.cancel()
-    await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
     assert [t.cancelled() for t in tasks] == [False] + [True] * 5 + [False] * 14
+    assert [r for i, r in enumerate(results) if not 1 <= i <= 5] == [None] * 15
+    assert sum(taken.per_period.values()) == 15 * 8

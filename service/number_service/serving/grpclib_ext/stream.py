@@ -108,10 +108,12 @@ class Turn:
     Each stream already yields after :data:`BATCH` requests; but a connection with a
     hundred busy streams would still get a hundred batches per turn, and a lock-step
     client on another connection one answer per ~50 ms. Past ``limit`` requests in a
-    turn, the connection's streams wait for a later one (:meth:`wait`), in line: each
-    turn wakes, first come first, only the streams that the turn's share can serve.
-    (Each stream retrying at every turn cost a task step per stream per turn: with
-    100 busy streams and a share of 64, 2.3 sleeps for each request answered.)
+    turn, the connection's streams wait in line for a later one (:meth:`wait`): each
+    turn first grants its share to the streams at the head of the line, first come
+    first, and wakes only those, so a stream that did not wait cannot go past the
+    line. (Each stream retrying at every turn cost a task step per stream per turn:
+    with 100 busy streams and a share of 64, 2.3 sleeps for each request answered;
+    woken streams that asked again, rather than being granted, could wait ~990 turns.)
     """
 
     __slots__ = ("_line", "_scheduled", "limit", "used")
@@ -120,23 +122,24 @@ class Turn:
         self.limit = limit
         self.used = 0
         self._scheduled = False  # a _next_turn is on the loop's ready queue
-        self._line: deque[tuple[asyncio.Future[None], int]] = deque()
+        self._line: deque[tuple[asyncio.Future[int], int]] = deque()
 
     def take(self) -> bool:
-        """Count one request in; False once the turn's share is used up."""
+        """Count one request in; False once the turn's share is used up (then
+        :meth:`wait`)."""
         if not self._scheduled:  # the first of this turn: start afresh at the next
             self._schedule()
         self.used += 1
         return self.used <= self.limit
 
-    async def wait(self, wanted: int) -> None:
-        """Wait in line for a turn with share left; ``wanted``: the requests the
-        stream has ready (how much of that share it will take)."""
-        future = asyncio.get_running_loop().create_future()
+    async def wait(self, wanted: int) -> int:
+        """Wait in line for a later turn; returns the requests it grants (1 to
+        ``wanted``, the requests the stream has ready), to take without :meth:`take`."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._line.append((future, wanted))
         if not self._scheduled:
             self._schedule()
-        await future
+        return await future
 
     def _schedule(self) -> None:
         self._scheduled = True
@@ -146,12 +149,12 @@ class Turn:
         self._scheduled = False
         self.used = 0
         line = self._line
-        planned = 0
-        while line and planned < self.limit:
+        while line and self.used < self.limit:
             future, wanted = line.popleft()
             if not future.done():  # not cancelled meanwhile
-                future.set_result(None)
-                planned += max(1, min(wanted, BATCH))
+                grant = max(1, min(wanted, self.limit - self.used))
+                future.set_result(grant)
+                self.used += grant
         if line:  # the rest wait for the next turn, which must come
             self._schedule()
 
@@ -206,6 +209,7 @@ class BatchingStream(Stream[_Recv, _Send]):
         "_failure",
         "_flushed",
         "_flushing",
+        "_granted",
         "_held",
         "_last_request",
         "_limits",
@@ -258,6 +262,7 @@ class BatchingStream(Stream[_Recv, _Send]):
         self._flushing = False  # a send_data of held answers is under way
         self._flushed: asyncio.Future[None] | None = None  # made by those who wait for it
         self._nudged = False  # a loop-turn flush is scheduled
+        self._granted = 0  # requests the connection's Turn granted, to take without asking
         self._received = 0  # not yet reported to the counter
         self._sent = 0
         self._last_request = time.monotonic()
@@ -297,12 +302,14 @@ class BatchingStream(Stream[_Recv, _Send]):
                     await self.flush()
                     await asyncio.sleep(0)
                     continue
-                if turn is not None and not turn.take():
+                if self._granted:  # granted by the turn this stream waited for
+                    self._granted -= 1
+                elif turn is not None and not turn.take():
                     # The connection's share of this loop turn is used up (by its other
                     # streams too): wait in line for a later turn.
                     self._run = 0
                     await self.flush()
-                    await turn.wait(len(ready))
+                    self._granted = await turn.wait(len(ready))
                     continue
                 self._run += 1
                 self._received += 1
@@ -337,6 +344,7 @@ class BatchingStream(Stream[_Recv, _Send]):
             if self._unacked:
                 self._buffer.ack(self._unacked)
                 self._unacked = 0
+            self._granted = 0  # a grant is for the turn it came in, not for later
             buffer = self._buffer
             if not buffer.ended:  # _take_arrived took every chunk: wait for the next
                 timeout = self._limits.idle_timeout
