@@ -235,18 +235,20 @@ def build_loadgen(cache: Path) -> tuple[Path | None, str]:
     # Built under a name of its own, then renamed: suites run at once (.ci/run) share
     # the default cache, and one must not run another's half-written binary.
     partial = binary.with_name(f"{binary.name}.{os.getpid()}.partial")
-    built = subprocess.run(
-        [go, "build", "-o", str(partial), "."],
-        cwd=LOADGEN_SRC.parent,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if built.returncode != 0:
+    try:
+        built = subprocess.run(
+            [go, "build", "-o", str(partial), "."],
+            cwd=LOADGEN_SRC.parent,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if built.returncode != 0:
+            return None, f"go build failed: {built.stderr.strip()[:500]}"
+        os.replace(partial, binary)
+    finally:
         partial.unlink(missing_ok=True)
-        return None, f"go build failed: {built.stderr.strip()[:500]}"
-    os.replace(partial, binary)
     return binary, f"go (built in {time.monotonic() - started:.1f} s)"
 
 
