@@ -331,17 +331,23 @@ async def busy_stream(turn: CountedTurn, ready: int, taken: Taken, index: int) -
         taken.last[index] = turn.period
 
 
+async def busy_streams(streams: int, requests: int, share: int = 64) -> Taken:
+    """``streams`` busy streams of ``requests`` each, run to the end on one Turn:
+    every request is taken, and no period between resets takes more than the share."""
+    turn = CountedTurn(share)
+    taken = Taken(streams)
+    running = (busy_stream(turn, requests, taken, i) for i in range(streams))
+    await asyncio.wait_for(asyncio.gather(*running), 20)
+    assert sum(taken.per_period.values()) == streams * requests
+    assert max(taken.per_period.values()) <= share
+    return taken
+
+
 async def test_streams_past_their_connections_share_wait_in_line_not_in_a_spin() -> None:
     """100 streams with 64 requests each on one connection, a share of 64 per turn:
     no turn takes more than the share, every request is taken, and each stream waits
     twice at most (in line). Woken all at every turn, each would wait ~50 times."""
-    turn = CountedTurn(64)
-    taken = Taken(100)
-    await asyncio.wait_for(
-        asyncio.gather(*(busy_stream(turn, 64, taken, i) for i in range(100))), 10
-    )
-    assert sum(taken.per_period.values()) == 100 * 64
-    assert max(taken.per_period.values()) <= 64
+    taken = await busy_streams(100, 64)
     assert max(taken.waits) <= 2, sorted(taken.waits)[-5:]
 
 
@@ -350,13 +356,7 @@ async def test_the_line_is_first_come_first_served() -> None:
     comes back from its batch's yield goes to the back of the line, so each waits
     for the others' batches (~100 turns) and never much longer. Let past the line,
     one stream kept the share for turns on end and another waited ~990 turns."""
-    turn = CountedTurn(64)
-    taken = Taken(100)
-    await asyncio.wait_for(
-        asyncio.gather(*(busy_stream(turn, 640, taken, i) for i in range(100))), 20
-    )
-    assert sum(taken.per_period.values()) == 100 * 640
-    assert max(taken.per_period.values()) <= 64
+    taken = await busy_streams(100, 640)
     assert max(taken.longest_gap) <= 110, sorted(taken.longest_gap)[-5:]
 
 
