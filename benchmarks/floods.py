@@ -131,7 +131,7 @@ class Attack:
     limit: str | None  # what our server's warning names; None: not cut, held by flow control
     bound: int | None  # frames our server reads on one connection, at most, before the cut
     reads: bool = True  # the attacker reads what the server sends (else never)
-    client: Callable[[int, float], Coroutine[Any, Any, None]] | None = None  # a real client instead
+    client: Callable[[int, float], Coroutine[Any, Any, int]] | None = None  # a real client instead
 
 
 def _repeat(one: bytes, head: bytes = b"") -> Callable[[], Iterator[bytes]]:
@@ -197,10 +197,10 @@ def _dribble() -> Iterator[bytes]:
         yield b""
 
 
-async def _partial_messages(port: int, seconds: float) -> None:
+async def _partial_messages(port: int, seconds: float) -> int:
     """The review's attack, within flow control (h2 keeps the windows): connection
     after connection, 100 streams each sending as much as the server's windows allow
-    of a 4 MiB message that it never finishes, then holding them open."""
+    of a 4 MiB message that it never finishes, then holding them open (0: no answers)."""
     from h2.config import H2Configuration
     from h2.connection import H2Connection
     from h2.events import ConnectionTerminated, DataReceived
@@ -248,18 +248,21 @@ async def _partial_messages(port: int, seconds: float) -> None:
             pass
         finally:
             writer.transport.abort()
+    return 0
 
 
 def _nothing() -> Iterator[bytes]:
     return iter(())
 
 
-async def _pipelined(port: int, seconds: float) -> None:
+async def _pipelined(port: int, seconds: float) -> int:
     """Not an attack: heavy legitimate traffic on one connection (fairness), our
-    client with 32 pipelined streams, up to 256 numbers unanswered on each."""
+    client with 32 pipelined streams, up to 256 numbers unanswered on each; returns
+    the answers it read."""
     from number_service import NumberClient
 
     until = time.monotonic() + seconds
+    answers = 0
 
     async def one(client: NumberClient) -> None:
         window = asyncio.Semaphore(256)
@@ -269,11 +272,14 @@ async def _pipelined(port: int, seconds: float) -> None:
                 await window.acquire()
                 yield 1
 
+        nonlocal answers
         async for _ in client.accumulate(numbers()):
+            answers += 1
             window.release()
 
     async with NumberClient(HOST, port, timeout=seconds + 30) as client:
         await asyncio.gather(*(one(client) for _ in range(32)))
+    return answers
 
 
 ATTACKS = {
@@ -355,6 +361,8 @@ class Attacked:
     cooled: int = 0  # of those, refused at once: the address was cooling down after a cut
     unfinished: int = 0  # connections still open when the attack's time was up
     frames_sent: int = 0  # frames written (the socket took them)
+    answers: int = 0  # a real client's answers read (attack.client)
+    cpu_s: float = 0.0  # a real client's CPU time (its process's user + system)
     goaways: list[tuple[int, str]] = field(default_factory=list)  # (code, debug data)
     peers: list[str] = field(default_factory=list)  # the attacker's addresses
 
@@ -465,9 +473,13 @@ async def attack_for(port: int, attack: Attack, seconds: float) -> Attacked:
             *(str(port), str(seconds)),
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
         )
-        if await asyncio.wait_for(proc.wait(), seconds + 60) != 0:
+        out, _ = await asyncio.wait_for(proc.communicate(), seconds + 60)
+        if proc.returncode != 0:
             raise BenchError(f"{attack.name}: the client exited {proc.returncode}")
+        done = json.loads(out)
+        result.answers, result.cpu_s = done["answers"], done["cpu_s"]
         return result
     until = time.monotonic() + seconds
     while time.monotonic() < until:
@@ -560,6 +572,9 @@ class Row:
     rss_before: int = 0
     rss_peak: int = 0
     rss_after: int = 0
+    server_cpu_s: float = 0.0  # the server's CPU time over the attack phase
+    client_rate: float = 0.0  # a real client's answers per second (attack.client)
+    client_cpu_s: float = 0.0  # that client's CPU time
     failures: list[str] = field(default_factory=list)
     note: str = ""  # what went wrong for a server that is not judged (grpc.aio)
 
@@ -624,9 +639,12 @@ def run_one(name: str, attack: Attack, seconds: float, bystander: Bystander, str
         row.quiet_rate, row.quiet_p99_us = quiet["msg_per_s"], quiet["p99_us"]
         row.rss_before = _settled_rss(server)
         logged = len(server.lines)
+        cpu = server.cpu()
         attacked, during, row.rss_peak = asyncio.run(
             _attack_with_bystander(server, attack, seconds, bystander)
         )
+        row.server_cpu_s = server.cpu() - cpu
+        row.client_rate, row.client_cpu_s = attacked.answers / seconds, attacked.cpu_s
         row.rate, row.p99_us = during["msg_per_s"], during["p99_us"]
         if "error" in during and name == "ours":
             row.failures.append(during["error"])
@@ -715,7 +733,7 @@ def table(rows: list[Row]) -> str:
         f"{'server':9} {'attack':18} {'cut':>11} {'cooled':>7} {'read':>5} {'bound':>5} "
         f"{'sent':>9} "
         f"{'msg/s attack/quiet':>20} {'p99 ms attack/quiet':>20} "
-        f"{'RSS MiB before/peak/after':>26}  result"
+        f"{'RSS MiB before/peak/after':>26} {'server cpu':>10}  result"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -730,7 +748,14 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"{r.server:9} {r.attack:18} {f'{r.cut}/{r.connections}':>11} {r.cooled:>7} "
             f"{read:>5} {bound:>5} "
-            f"{r.frames_sent:>9} {rate:>20} {p99:>20} {rss:>26}  {result}"
+            f"{r.frames_sent:>9} {rate:>20} {p99:>20} {rss:>26} "
+            f"{r.server_cpu_s / r.seconds:>10.2f}  {result}"
+        )
+    clients = [r for r in rows if r.client_rate]
+    for r in clients:  # a real client (attack.client): what it got, and what it cost
+        lines.append(
+            f"{r.server} {r.attack}: the client read {r.client_rate:,.0f} answers/s "
+            f"on {r.client_cpu_s / r.seconds:.2f} cores"
         )
     return "\n".join(lines)
 
@@ -744,7 +769,8 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] == ["client"]:  # a legitimate client's own process (attack_for)
         client = ATTACKS[args[1]].client
         assert client is not None, args[1]
-        asyncio.run(client(int(args[2]), float(args[3])))
+        answers = asyncio.run(client(int(args[2]), float(args[3])))
+        print(json.dumps({"answers": answers, "cpu_s": time.process_time()}))
         return 0
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.floods", description=__doc__.split("\n\n")[0]
