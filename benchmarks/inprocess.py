@@ -33,7 +33,7 @@ from number_service.server import build_server
 from number_service_gen.tutorial import NumberRequest, NumberResponse
 
 METHOD = "/tutorial.NumberService/AccumulateNumbers"
-NUMBERS = (1, 2, 3, 4, 5)
+NUMBERS = 5  # per stream, as the bench's short mode
 
 
 class MemoryTransport(asyncio.Transport):
@@ -84,14 +84,16 @@ class MemoryTransport(asyncio.Transport):
         return default
 
 
-async def short_streams(channel: Channel, count: int) -> None:
-    """``count`` short streams, one after another, each sum checked."""
+async def short_streams(channel: Channel, count: int, numbers: int = NUMBERS) -> None:
+    """``count`` short streams of ``numbers`` lock-step numbers each, one after another,
+    each sum checked."""
+    sent = [1 + k % 5 for k in range(numbers)]
     for _ in range(count):
         async with channel.request(
             METHOD, Cardinality.STREAM_STREAM, NumberRequest, NumberResponse
         ) as stream:
             total = 0
-            for number in NUMBERS:
+            for number in sent:
                 await stream.send_message(NumberRequest(num=number))
                 total += number
                 reply = await stream.recv_message()
@@ -101,7 +103,9 @@ async def short_streams(channel: Channel, count: int) -> None:
             assert await stream.recv_message() is None
 
 
-async def run(streams: int, concurrency: int, profile: str | None) -> dict[str, Any]:
+async def run(
+    streams: int, concurrency: int, profile: str | None, numbers: int = NUMBERS
+) -> dict[str, Any]:
     serving = build_server()
     server = serving.server
     server._server = _FakeServer()  # what grpclib.testing.ChannelFor does
@@ -119,7 +123,7 @@ async def run(streams: int, concurrency: int, profile: str | None) -> dict[str, 
     if profiler is not None:
         profiler.enable()
     start, cpu = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(short_streams(channel, per_task) for _ in range(concurrency)))
+    await asyncio.gather(*(short_streams(channel, per_task, numbers) for _ in range(concurrency)))
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     if profiler is not None and profile is not None:
         profiler.disable()
@@ -155,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--streams", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--numbers", type=int, default=NUMBERS, help="per stream")
     parser.add_argument("--rounds", type=int, default=3, help="runs; the best is reported")
     parser.add_argument("--profile", help="write a cProfile of the last round here")
     parser.add_argument("--json", action="store_true")
@@ -163,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     for index in range(args.rounds):
         last = index == args.rounds - 1
         profile = args.profile if last else None
-        results.append(asyncio.run(run(args.streams, args.concurrency, profile)))
+        results.append(asyncio.run(run(args.streams, args.concurrency, profile, args.numbers)))
     best = min(results, key=lambda r: r["us_per_stream"])
     if args.json:
         print(json.dumps({"best": best, "rounds": results}))

@@ -337,3 +337,33 @@ def test_owners_of_allocations() -> None:
     assert owner("/r/service/number_service/serving/grpclib_ext/lean.py") == "serving (ours)"
     assert owner("/r/service/number_service/service.py") == "handler chain"
     assert owner("/usr/lib/python3.11/contextlib.py") == "other"
+
+
+def test_instruction_figures_are_differences_of_two_runs() -> None:
+    from benchmarks.instructions import RUNS, collected, figures
+
+    assert collected("==12== Events    : Ir\n==12== Collected : 2503851059\n") == 2503851059
+    with pytest.raises(Exception, match="Collected"):
+        collected("valgrind: no such tool\n")
+    few, many, long_ = (RUNS[k] for k in ("few", "many", "long"))
+    start, stream, message = 10**9, 4 * 10**6, 5 * 10**5  # what the counts are made of
+    totals = {
+        name: start + streams * (stream + (numbers - 5) * message)
+        for name, (streams, numbers) in (("few", few), ("many", many), ("long", long_))
+    }
+    assert figures(totals) == (pytest.approx(stream), pytest.approx(message))
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind (.ci/run installs it)")
+def test_instructions_counts_more_for_more_streams() -> None:
+    """Two real (small) callgrind runs of benchmarks.inprocess: every sum checked, and
+    the count grows with the streams."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks.instructions import Tree, count
+
+    tree = Tree("this tree", None)
+    with ThreadPoolExecutor(2) as pool:
+        small, large = pool.map(lambda streams: count(tree, streams, 2), (10, 60))
+    assert 10**8 < small < large  # a Python start-up alone is ~10^8
+    assert 50 * 10**5 < large - small < 50 * 10**7, (small, large)  # per stream: 10^5..10^7
