@@ -253,3 +253,101 @@ async def test_the_lean_wrapper_cancels_as_grpclibs(stubborn: bool) -> None:
         outcomes.append((wrapper.cancelled, wrapper.cancel_failed))
     assert outcomes[0] == (True, stubborn)
     assert outcomes[1] == outcomes[0]
+
+
+def _h2_pair(server_class: type[Any]) -> tuple[Any, Any]:
+    """A plain h2 client and a server connection of ``server_class``, settings
+    exchanged, streams 1 (open) and 3 (half-closed by the client) answered with
+    headers, so the server may send DATA on both."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    client = H2Connection(H2Configuration(client_side=True))
+    server = server_class(H2Configuration(client_side=False))
+    client.initiate_connection()
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    request = [(":method", "POST"), (":scheme", "http"), (":path", "/p"), (":authority", "a")]
+    client.send_headers(1, request)
+    client.send_headers(3, request, end_stream=True)
+    server.receive_data(client.data_to_send())
+    for stream_id in (1, 3):
+        server.send_headers(stream_id, [(":status", "200")])
+    client.receive_data(server.data_to_send())
+    return client, server
+
+
+def _send_data_outcome(server: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """What ``send_data(*args)`` did: the bytes out (or the error), the connection's
+    window, the stream's state and window."""
+    stream_id = args[0]
+    try:
+        server.send_data(*args)
+        result: Any = bytes(server.data_to_send())
+    except Exception as err:  # h2's errors are part of the outcome
+        result = type(err).__name__
+    stream = server.streams.get(stream_id)
+    if stream is None:
+        return result, server.outbound_flow_control_window, None
+    state = stream.state_machine.state, stream.open, stream.outbound_flow_control_window
+    return result, server.outbound_flow_control_window, state
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (1, b"\x00\x00\x00\x00\x02\x08\x05"),  # one small message on an open stream
+        (3, b"\x00" * 1000),  # on a stream the client half-closed
+        (1, memoryview(b"abc" * 100)[5:200]),
+        (1, b"x" * 16_384),  # the largest frame the peer takes
+        (1, b"x" * 16_385),  # larger: h2's FrameTooLargeError
+        (1, b"x" * 70_000),  # over the window: h2's FlowControlError
+        (1, b""),
+        (1, b"end", True),
+        (1, b"padded", False, 3),
+        (5, b"no such stream"),
+    ],
+)
+def test_the_lean_h2_connection_sends_data_as_h2s(args: tuple[Any, ...]) -> None:
+    """LeanH2Connection.send_data takes a shortcut for a plain DATA frame: the bytes,
+    the windows and the stream's state after it are h2's, and so are its errors."""
+    from h2.connection import H2Connection
+
+    from number_service.serving.grpclib_ext.lean import LeanH2Connection
+
+    outcomes = []
+    for server_class in (H2Connection, LeanH2Connection):
+        client, server = _h2_pair(server_class)
+        outcomes.append(_send_data_outcome(server, args))
+        outcomes.append(_send_data_outcome(server, args))  # and again, windows used
+        if isinstance(outcomes[-1][0], bytes):  # the client reads it as h2's
+            events = client.receive_data(outcomes[-1][0])
+            outcomes.append(tuple(type(e).__name__ for e in events))
+    half = len(outcomes) // 2
+    assert outcomes[:half] == outcomes[half:]
+
+
+def test_the_lean_h2_connection_takes_its_shortcut_for_a_plain_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A plain DATA frame does not go through h2's send_data (what the shortcut saves);
+    one with END_STREAM does."""
+    from h2.connection import H2Connection
+
+    from number_service.serving.grpclib_ext.lean import LeanH2Connection
+
+    calls = []
+    h2_send_data = H2Connection.send_data
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(args)
+        h2_send_data(self, *args, **kwargs)
+
+    monkeypatch.setattr(H2Connection, "send_data", counted)
+    _, server = _h2_pair(LeanH2Connection)
+    server.send_data(1, b"plain")
+    assert calls == []
+    server.send_data(1, b"last", True)
+    assert len(calls) == 1

@@ -19,7 +19,11 @@ stream's ~16.5 KB (``python -m benchmarks.memory``). Here:
   :class:`LeanH2Connection`:
   h2's, without the ``repr(frame)`` it builds for every frame received, for a trace
   log that is off (~4% of a busy stream's server time; a DataFrame's repr
-  hex-encodes its payload).
+  hex-encodes its payload), and whose ``send_data`` writes a plain DATA frame
+  (no padding, no END_STREAM, on a stream and connection that may send it) as its
+  nine header bytes and the payload: h2's goes through both state machines (a
+  no-op for such a frame), a ``DataFrame`` and its flag set, and three debug-log
+  calls, 5.8 us a frame against 0.8 us.
 
 Each is a change that could go into grpclib as it is (the same classes, made
 lazily). Private grpclib attributes used, standing in for a missing hook (grpclib
@@ -32,12 +36,15 @@ to a new stream), and ``Stream``'s own attributes, which the subclass sets as
 grpclib's ``__init__`` does. From h2: the h2 connection's class is changed in place
 (grpclib makes the ``H2Connection`` itself, with no hook for its class) and
 ``_receive_frame`` is overridden (h2 issue: none yet; the fix upstream is to call
-``repr`` only when the logger traces).
+``repr`` only when the logger traces), and ``send_data`` appends to h2's private
+``_data_to_send`` as h2's ``_prepare_for_sending`` does (h2 issue: none yet; the fix
+upstream is the same shortcut in h2's ``send_data``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -51,11 +58,12 @@ from grpclib.protocol import (
 )
 from grpclib.utils import Wrapper
 from h2.config import DummyLogger
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import Event, RemoteSettingsChanged, RequestReceived, WindowUpdated
 from h2.exceptions import StreamClosedError, StreamIDTooLowError
 from h2.settings import SettingCodes
+from h2.stream import StreamState
 from hyperframe.frame import Frame, RstStreamFrame
 
 __all__ = ["LeanBuffer", "LeanH2Connection", "LeanStream", "LeanWrapper", "install"]
@@ -307,8 +315,46 @@ class LeanStream(Stream):
             self._waiting.discard(self)
 
 
+#: A DATA frame's header: length (24 bits, as 16 + 8), type 0, flags, stream id.
+_DATA_HEADER = struct.Struct(">HBBBL")
+#: Where a connection, and a stream, may send DATA with both state machines unmoved.
+_CONNECTION_SENDS = frozenset({ConnectionState.SERVER_OPEN, ConnectionState.CLIENT_OPEN})
+_STREAM_SENDS = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
+
+
 class LeanH2Connection(H2Connection):
-    """h2's connection, formatting no frame for a trace log that is off."""
+    """h2's connection, formatting no frame for a trace log that is off, and sending
+    a plain DATA frame without h2's per-frame objects."""
+
+    def send_data(
+        self,
+        stream_id: int,
+        data: bytes | memoryview,
+        end_stream: bool = False,
+        pad_length: Any = None,
+    ) -> None:
+        """h2's ``send_data``, the same bytes and windows after it; h2's own for
+        anything but a plain frame that fits (so its errors are h2's)."""
+        stream = self.streams.get(stream_id)
+        size = len(data)
+        if (
+            end_stream
+            or pad_length is not None
+            or stream is None
+            or not 0 < size <= self.max_outbound_frame_size
+            or size > self.outbound_flow_control_window
+            or size > stream.outbound_flow_control_window
+            or self.state_machine.state not in _CONNECTION_SENDS
+            or stream.state_machine.state not in _STREAM_SENDS
+            or type(self.config.logger) is not DummyLogger
+        ):
+            super().send_data(stream_id, data, end_stream, pad_length)
+            return
+        out = self._data_to_send
+        out += _DATA_HEADER.pack(size >> 8, size & 0xFF, 0, 0, stream_id)
+        out += data
+        stream.outbound_flow_control_window -= size
+        self.outbound_flow_control_window -= size
 
     def _receive_frame(self, frame: Frame) -> list[Event]:
         # h2 4.4.1's H2Connection._receive_frame, but for its first line,
