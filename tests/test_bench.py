@@ -351,7 +351,7 @@ def test_instruction_figures_are_differences_of_two_runs() -> None:
         name: start + streams * (stream + (numbers - 5) * message)
         for name, (streams, numbers) in (("few", few), ("many", many), ("long", long_))
     }
-    assert figures(totals) == (pytest.approx(stream), pytest.approx(message))
+    assert figures(totals) == pytest.approx((stream, message))
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind (.ci/run installs it)")
