@@ -258,7 +258,8 @@ async def test_the_lean_wrapper_cancels_as_grpclibs(stubborn: bool) -> None:
 def _h2_pair(server_class: type[Any]) -> tuple[Any, Any]:
     """A plain h2 client and a server connection of ``server_class``, settings
     exchanged, streams 1 (open) and 3 (half-closed by the client) answered with
-    headers, so the server may send DATA on both."""
+    headers, so the server may send DATA on both; stream 5 open, not answered, its
+    request with a content-length of 10."""
     from h2.config import H2Configuration
     from h2.connection import H2Connection
 
@@ -272,6 +273,7 @@ def _h2_pair(server_class: type[Any]) -> tuple[Any, Any]:
     request = [(":method", "POST"), (":scheme", "http"), (":path", "/p"), (":authority", "a")]
     client.send_headers(1, request)
     client.send_headers(3, request, end_stream=True)
+    client.send_headers(5, [*request, ("content-length", "10")])
     server.receive_data(client.data_to_send())
     for stream_id in (1, 3):
         server.send_headers(stream_id, [(":status", "200")])
@@ -307,7 +309,7 @@ def _send_data_outcome(server: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
         (1, b""),
         (1, b"end", True),
         (1, b"padded", False, 3),
-        (5, b"no such stream"),
+        (7, b"no such stream"),
     ],
 )
 def test_the_lean_h2_connection_sends_data_as_h2s(args: tuple[Any, ...]) -> None:
@@ -351,3 +353,105 @@ def test_the_lean_h2_connection_takes_its_shortcut_for_a_plain_frame(
     assert calls == []
     server.send_data(1, b"last", True)
     assert len(calls) == 1
+
+
+def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
+    size = len(payload)
+    return bytes([size >> 16, (size >> 8) & 0xFF, size & 0xFF, kind, flags]) + (
+        stream_id.to_bytes(4, "big") + payload
+    )
+
+
+def _received_frames(rng: random.Random) -> list[bytes]:
+    """Frames a client might send the server of ``_h2_pair`` (streams 1 open, 3
+    half-closed by the client, 5 open with a content-length of 10), good and bad."""
+    data, window_update, ping = 0x0, 0x8, 0x6
+    end_stream, padded = 0x1, 0x8
+    choices = [
+        lambda: _frame(data, 0, 1, rng.randbytes(rng.choice([0, 1, 7, 300, 900]))),
+        lambda: _frame(data, 0, 1, rng.randbytes(7)),
+        lambda: _frame(data, 0, 0x80000001, b"reserved bit set"),
+        lambda: _frame(data, 0, 5, b"123456"),  # counted against its content-length
+        lambda: _frame(data, end_stream, 1, b"last"),
+        lambda: _frame(data, padded, 1, bytes([3]) + b"pad" + bytes(3)),
+        lambda: _frame(data, 0x2, 1, b"an unknown flag"),
+        lambda: _frame(data, 0, 3, b"half-closed"),
+        lambda: _frame(data, 0, 9, b"never opened"),
+        lambda: _frame(data, 0, 1, bytes(20_000)),  # past the frame size
+        lambda: _frame(window_update, 0, 0, (1000).to_bytes(4, "big")),
+        lambda: _frame(ping, 0, 0, bytes(8)),
+    ]
+    weights = [30, 30, 2, 6, 1, 1, 1, 1, 0.5, 0.5, 3, 2]
+    return [rng.choices(choices, weights)[0]() for _ in range(rng.randint(1, 40))]
+
+
+def _receiver_state(server: Any) -> tuple[Any, ...]:
+    streams = tuple(
+        (
+            stream_id,
+            stream.state_machine.state,
+            stream._inbound_window_manager.current_window_size,
+            stream._actual_content_length,
+        )
+        for stream_id, stream in sorted(server.streams.items())
+    )
+    window = server._inbound_flow_control_window_manager.current_window_size
+    return server.state_machine.state, window, streams, bytes(server.data_to_send())
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_the_lean_h2_connection_receives_data_as_h2s(seed: int) -> None:
+    """LeanH2Connection.receive_data reads plain DATA frames itself: for random runs of
+    frames (good, bad, and ones h2 must refuse) cut at random points, the events, the
+    errors, the windows, the streams' states and what it sends back are h2's."""
+    from h2.connection import H2Connection
+
+    from number_service.serving.grpclib_ext.lean import LeanH2Connection
+
+    rng = random.Random(seed)
+    wire = b"".join(_received_frames(rng))
+    cuts = sorted(rng.sample(range(1, len(wire)), min(len(wire) - 1, rng.randint(0, 6))))
+    chunks = [wire[a:b] for a, b in itertools.pairwise([0, *cuts, len(wire)])]
+    seen = []
+    for server_class, pieces in itertools.product((H2Connection, LeanH2Connection), (1, 2)):
+        _, server = _h2_pair(server_class)
+        server.send_headers(5, [(":status", "200")])
+        if seed % 3 == 0:  # a connection window that a few frames use up
+            server._inbound_flow_control_window_manager.current_window_size = 1000
+        elif seed % 3 == 1:  # and a stream's
+            server.streams[1]._inbound_window_manager.current_window_size = 1000
+        outcome: list[Any] = []
+        for chunk in [wire] if pieces == 1 else chunks:
+            try:
+                events = server.receive_data(chunk)
+                outcome.append([(type(e).__name__, vars(e)) for e in events])
+            except Exception as err:  # and what h2 sends for it (a GOAWAY, say)
+                outcome.append([type(err).__name__, str(err), _receiver_state(server)])
+                break
+            outcome.append(_receiver_state(server))
+        seen.append(outcome)
+    assert seen[2:] == seen[:2]  # all at once, and in pieces
+
+
+def test_the_lean_h2_connection_refuses_data_before_headers_as_h2() -> None:
+    """On a client connection, DATA before the response's HEADERS is h2's
+    ProtocolError (a stream a server makes has always received its headers)."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.exceptions import ProtocolError
+
+    from number_service.serving.grpclib_ext.lean import LeanH2Connection
+
+    seen = []
+    for client_class in (H2Connection, LeanH2Connection):
+        client = client_class(H2Configuration(client_side=True))
+        server = H2Connection(H2Configuration(client_side=False))
+        client.initiate_connection()
+        server.initiate_connection()
+        client.receive_data(server.data_to_send())
+        request = [(":method", "POST"), (":scheme", "http"), (":path", "/p"), (":authority", "a")]
+        client.send_headers(1, request)
+        with pytest.raises(ProtocolError) as raised:
+            client.receive_data(_frame(0x0, 0, 1, b"too soon"))
+        seen.append((type(raised.value), str(raised.value), bytes(client.data_to_send())[-17:]))
+    assert seen[1] == seen[0]
