@@ -19,9 +19,11 @@ every run, so a difference is the server's). Instructions are not time (a cache
 miss costs more than an add), so a change is also checked with the bench; but a
 change this cannot see is one the bench cannot tell from noise either.
 
-``--against REV`` runs REV's ``number_service`` (its worktree in the bench's cache,
-``benchmarks.revision``) with this tree's ``benchmarks.inprocess`` and venv. Needs
-valgrind (Debian: ``apt install valgrind``).
+Each tree's ``service/`` and ``gen/`` go first on PYTHONPATH: this file's tree, and
+with ``--against REV`` REV's (its worktree in the bench's cache, ``benchmarks.revision``),
+run with this tree's ``benchmarks.inprocess`` and whichever venv runs this (so another
+worktree can be measured with this one's venv). Needs valgrind (Debian: ``apt install
+valgrind``).
 """
 
 from __future__ import annotations
@@ -50,17 +52,17 @@ class CountError(Exception):
 
 @dataclass(frozen=True)
 class Tree:
-    """A server's code: a label, and what PYTHONPATH puts first (None: this tree's)."""
+    """A server's code: a label, and the tree whose ``service/`` and ``gen/`` go first
+    on PYTHONPATH."""
 
     label: str
-    path: Path | None
+    path: Path
 
 
 def count(tree: Tree, streams: int, numbers: int) -> int:
     """Instructions of one ``benchmarks.inprocess`` run under callgrind."""
     env = dict(os.environ, PYTHONHASHSEED="0")
-    if tree.path is not None:
-        env["PYTHONPATH"] = os.pathsep.join(str(tree.path / p) for p in ("service", "gen"))
+    env["PYTHONPATH"] = os.pathsep.join(str(tree.path / p) for p in ("service", "gen"))
     argv = [
         *("valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null"),
         *(sys.executable, "-m", "benchmarks.inprocess", "--rounds", "1"),
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("valgrind") is None:
         print("instructions: needs valgrind (apt install valgrind)", file=sys.stderr)
         return 1
-    trees = [Tree("this tree", None)]
+    trees = [Tree("this tree", ROOT)]  # this file's tree, whichever venv runs it
     for rev in args.against:
         sha, short = revision.resolve(rev)
         path = (CACHE / f"rev-{sha}").resolve()

@@ -362,7 +362,7 @@ def test_instructions_counts_more_for_more_streams() -> None:
 
     from benchmarks.instructions import Tree, count
 
-    tree = Tree("this tree", None)
+    tree = Tree("this tree", ROOT)
     with ThreadPoolExecutor(2) as pool:
         small, large = pool.map(lambda streams: count(tree, streams, 2), (10, 60))
     assert 10**8 < small < large  # a Python start-up alone is ~10^8
