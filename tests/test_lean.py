@@ -3,6 +3,7 @@ and that grpclib's behaviour is kept (the buffer reads as grpclib's does)."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import itertools
@@ -303,6 +304,9 @@ def _send_data_outcome(server: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
         (1, b"\x00\x00\x00\x00\x02\x08\x05"),  # one small message on an open stream
         (3, b"\x00" * 1000),  # on a stream the client half-closed
         (1, memoryview(b"abc" * 100)[5:200]),
+        (1, bytearray(b"a bytearray")),
+        (1, memoryview(array.array("I", [1, 2, 3]))),  # 3 items, 12 bytes
+        (1, "not bytes"),  # h2's TypeError, and nothing left half-written
         (1, b"x" * 16_384),  # the largest frame the peer takes
         (1, b"x" * 16_385),  # larger: h2's FrameTooLargeError
         (1, b"x" * 70_000),  # over the window: h2's FlowControlError
@@ -421,9 +425,10 @@ def test_the_lean_h2_connection_receives_data_as_h2s(seed: int) -> None:
         elif seed % 3 == 1:  # and a stream's
             server.streams[1]._inbound_window_manager.current_window_size = 1000
         outcome: list[Any] = []
-        for chunk in [wire] if pieces == 1 else chunks:
+        for k, chunk in enumerate([wire] if pieces == 1 else chunks):
+            given: Any = (chunk, bytearray(chunk), memoryview(chunk))[k % 3]  # what h2 takes
             try:
-                events = server.receive_data(chunk)
+                events = server.receive_data(given)
                 outcome.append([(type(e).__name__, vars(e)) for e in events])
             except Exception as err:  # and what h2 sends for it (a GOAWAY, say)
                 outcome.append([type(err).__name__, str(err), _receiver_state(server)])

@@ -332,6 +332,7 @@ _CONNECTION_OPEN = frozenset({ConnectionState.SERVER_OPEN, ConnectionState.CLIEN
 _STREAM_SENDS = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 _STREAM_RECEIVES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})
 _DATA = 0x0
+_BYTES = frozenset({bytes, bytearray})  # what the shortcuts take: len() counts bytes
 
 
 class LeanH2Connection(H2Connection):
@@ -346,11 +347,13 @@ class LeanH2Connection(H2Connection):
         pad_length: Any = None,
     ) -> None:
         """h2's ``send_data``, the same bytes and windows after it; h2's own for
-        anything but a plain frame that fits (so its errors are h2's)."""
+        anything but a plain frame of bytes (or a bytearray) that fits (so its errors
+        are h2's)."""
         stream = self.streams.get(stream_id)
         size = len(data)
         if (
-            end_stream
+            type(data) not in _BYTES
+            or end_stream
             or pad_length is not None
             or stream is None
             or not 0 < size <= self.max_outbound_frame_size
@@ -373,27 +376,30 @@ class LeanH2Connection(H2Connection):
         receive them, within both windows, no content-length to check) read here as
         h2 reads them, without a ``Frame``, its flag set and both state machines:
         the same events, windows and stream state. Anything else, and every frame
-        after it, is h2's own (its errors too)."""
+        after it, is h2's own (its errors too), as is data that is not bytes or a
+        bytearray (a memoryview may count items of more than a byte)."""
         buffer = self.incoming_buffer
         if (
-            buffer._preamble_len
+            type(data) not in _BYTES
+            or buffer._preamble_len
             or buffer._data
             or buffer._headers_buffer
             or self.state_machine.state not in _CONNECTION_OPEN
             or type(self.config.logger) is not DummyLogger
         ):
             return super().receive_data(data)
-        view = memoryview(data)
-        end = len(view)
+        if type(data) is bytearray:  # held by the caller, who may change it
+            data = bytes(data)
+        end = len(data)
         pos = 0
         events: list[Event] = []
         window = self._inbound_flow_control_window_manager
         streams = self.streams
         while end - pos >= 9:
-            length = view[pos] << 16 | view[pos + 1] << 8 | view[pos + 2]
-            if view[pos + 3] != _DATA or view[pos + 4] or length > end - pos - 9:
+            length = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
+            if data[pos + 3] != _DATA or data[pos + 4] or length > end - pos - 9:
                 break
-            stream = streams.get(int.from_bytes(view[pos + 5 : pos + 9]) & 0x7FFFFFFF)
+            stream = streams.get(int.from_bytes(data[pos + 5 : pos + 9]) & 0x7FFFFFFF)
             if (
                 stream is None
                 or length > self.max_inbound_frame_size
@@ -412,12 +418,12 @@ class LeanH2Connection(H2Connection):
             events.append(
                 DataReceived(
                     stream_id=stream.stream_id,
-                    data=view[start:pos].tobytes(),
+                    data=data[start:pos],
                     flow_controlled_length=length,
                 )
             )
         if pos < end:
-            events.extend(super().receive_data(view[pos:]))
+            events.extend(super().receive_data(data[pos:]))
         return events
 
     def _receive_frame(self, frame: Frame) -> list[Event]:
