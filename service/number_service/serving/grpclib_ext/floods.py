@@ -178,7 +178,7 @@ class FrameAccounting:
         while size - pos >= HEADER_SIZE:
             if budget is not None and (count >= budget or pos - start >= TURN_BYTES):
                 return Take(pos, self._whole_frame_at(data, pos), None)
-            length = int.from_bytes(data[pos : pos + 3], "big")
+            length = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
             if length > self.max_frame_size:
                 return self._cut(
                     pos,
@@ -190,13 +190,17 @@ class FrameAccounting:
                 break
             kind = data[pos + 3]
             flags = data[pos + 4]
-            stream_id = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFF_FFFF
-            payload = length
-            if flags & PADDED and kind in (DATA, HEADERS) and length:
-                payload -= 1 + data[pos + HEADER_SIZE]
-            verdict = self._frame(kind, flags, stream_id, payload)
-            if verdict is not None:
-                return Take(pos, False, verdict)
+            if kind == DATA and not flags and length:  # most frames: what _frame does
+                self.frames += 1
+                self._empty = 0
+            else:
+                stream_id = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFF_FFFF
+                payload = length
+                if flags & PADDED and kind in (DATA, HEADERS) and length:
+                    payload -= 1 + data[pos + HEADER_SIZE]
+                verdict = self._frame(kind, flags, stream_id, payload)
+                if verdict is not None:
+                    return Take(pos, False, verdict)
             pos += HEADER_SIZE + length
             self.received_bytes += HEADER_SIZE + length
             count += HEADERS_COST if kind == HEADERS else 1
