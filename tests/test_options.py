@@ -174,3 +174,26 @@ def test_incomplete_tls_files_are_a_usage_error(args: list[str], message: str) -
     config, out = run(args, ServeConfig())
     assert config is None
     assert message in out
+
+
+@pytest.mark.parametrize("given", [["--grace", "nan"], ["--idle-timeout", "NaN"]])
+def test_a_number_of_seconds_that_is_not_a_number_is_a_usage_error(given: list[str]) -> None:
+    """nan passes FloatRange's bounds (each comparison with it is false); Seconds
+    refuses it, from the command line and from the environment."""
+    config, out = run(given, ServeConfig())
+    assert config is None
+    assert "is not a number of seconds" in out
+    built: list[ServeConfig] = []
+
+    @click.command()
+    @options.serve_options("APP_")
+    def command(**values: Any) -> None:
+        built.append(options.serve_config(values, ServeConfig()))
+
+    result = CliRunner().invoke(command, [], env={"APP_GRACE": "nan"})
+    assert result.exit_code == 2, result.output
+    assert "is not a number of seconds" in result.output
+    assert not built
+    config, out = run(["--grace", "inf", "--idle-timeout", "2.5"], ServeConfig())
+    assert config is not None, out  # a bound that is a number still passes
+    assert (config.grace, config.limits.idle_timeout) == (float("inf"), 2.5)

@@ -291,7 +291,7 @@ def _targets(targets: tuple[str, ...], host: str | None, port: int | None) -> li
 
 @main.command(cls=_NumbersCommand, context_settings={"ignore_unknown_options": True})
 @_client_target_options
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Deadline, seconds.")
+@click.option("--timeout", type=options.Seconds(min=0, min_open=True), help="Deadline, seconds.")
 @click.option(
     "--resume/--no-resume",
     default=True,
@@ -406,7 +406,7 @@ async def _until_bad(numbers: AsyncIterator[int], bad: list[InputError]) -> Asyn
 @click.option("--service", default="", help='Service to ask about; "" is the whole server.')
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=options.Seconds(min=0, min_open=True),
     default=healthcheck.DEFAULT_TIMEOUT,
     help="Seconds to wait for the answer.",
 )

@@ -25,6 +25,7 @@ table's. :func:`flag` here is the same name, for a setting the table must have.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -41,6 +42,19 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 _C = TypeVar("_C", bound="ServeConfig")
+
+
+class Seconds(click.FloatRange):
+    """click's ``FloatRange`` that also refuses ``nan``: it passes every bound
+    (each comparison with it is false), and a timer or limit of ``nan`` means nothing."""
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        number: float = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return number
 
 
 class WorkerCount(click.ParamType[int, Any]):
@@ -102,7 +116,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "grace",
-        click.FloatRange(min=0),
+        Seconds(min=0),
         settings.DEFAULT_GRACE,
         "Seconds in-flight streams get to finish after SIGTERM/SIGINT; "
         "those left then end with UNAVAILABLE.",
@@ -159,7 +173,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "tls_handshake_timeout",
-        click.FloatRange(min=0, min_open=True),
+        Seconds(min=0, min_open=True),
         settings.DEFAULT_TLS_HANDSHAKE_TIMEOUT,
         "Seconds a TLS client has to finish its handshake; a slower one is closed "
         "(not counted by --max-connections until it is done).",
@@ -195,20 +209,20 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "keepalive_time",
-        click.FloatRange(min=0),
+        Seconds(min=0),
         settings.DEFAULT_KEEPALIVE_TIME,
         "Seconds between the server's keepalive pings on each connection. 0: no pings.",
         zero_is_off=True,
     ),
     Option(
         "keepalive_timeout",
-        click.FloatRange(min=0, min_open=True),
+        Seconds(min=0, min_open=True),
         settings.DEFAULT_KEEPALIVE_TIMEOUT,
         "Seconds a ping may go unanswered before the connection is closed.",
     ),
     Option(
         "idle_timeout",
-        click.FloatRange(min=0),
+        Seconds(min=0),
         0,
         "Seconds a connection may have no stream before it is closed with a GOAWAY. "
         "0 (default): never; keepalive still closes dead peers.",
@@ -216,7 +230,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "stream_idle_timeout",
-        click.FloatRange(min=0),
+        Seconds(min=0),
         0,
         "Seconds a stream may go without a request before it ends with "
         "DEADLINE_EXCEEDED. 0: never.",
@@ -247,7 +261,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "min_ping_interval",
-        click.FloatRange(min=0),
+        Seconds(min=0),
         settings.DEFAULT_MIN_PING_INTERVAL,
         "Seconds a client should leave between PINGs while the server sends no data; "
         "the third PING sooner closes its connection (too_many_pings). 0: no limit.",
@@ -271,7 +285,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "flood_cooldown",
-        click.FloatRange(min=0),
+        Seconds(min=0),
         settings.DEFAULT_FLOOD_COOLDOWN,
         "Seconds new connections from an address are refused after one of its "
         "connections was cut for a flood; doubled for each further cut within 5 min, up to "
