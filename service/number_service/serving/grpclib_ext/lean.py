@@ -337,7 +337,7 @@ _BYTES = frozenset({bytes, bytearray})  # what the shortcuts take: len() counts 
 
 class LeanH2Connection(H2Connection):
     """h2's connection, formatting no frame for a trace log that is off, and sending
-    a plain DATA frame without h2's per-frame objects."""
+    and reading plain DATA frames without h2's per-frame objects."""
 
     def send_data(
         self,
