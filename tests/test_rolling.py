@@ -163,6 +163,10 @@ def test_cli_accumulate_through_a_rolling_restart_prints_every_sum_once() -> Non
             stdout, stderr = Lines(proc.stdout), Lines(proc.stderr)
             writer = threading.Thread(target=feed, args=(proc, count, pause), daemon=True)
             writer.start()
+            # The stream is open before the roll: a CLI slow to start (three suites at
+            # once) could otherwise open it on a replica already restarted, and then
+            # no drain would cut it (CI, 3.13: drained 0).
+            assert stdout.get() == "1\n"
             pair.roll()
             writer.join(CALL_TIMEOUT)
             assert not writer.is_alive()
