@@ -75,6 +75,8 @@ from h2.settings import SettingCodes
 from h2.stream import StreamState
 from hyperframe.frame import Frame, RstStreamFrame
 
+from .floods import DATA, HEADER_SIZE
+
 __all__ = ["LeanBuffer", "LeanH2Connection", "LeanStream", "LeanWrapper", "install"]
 
 
@@ -331,7 +333,6 @@ _DATA_HEADER = struct.Struct(">HBBBL")
 _CONNECTION_OPEN = frozenset({ConnectionState.SERVER_OPEN, ConnectionState.CLIENT_OPEN})
 _STREAM_SENDS = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE})
 _STREAM_RECEIVES = frozenset({StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL})
-_DATA = 0x0
 _BYTES = frozenset({bytes, bytearray})  # what the shortcuts take: len() counts bytes
 
 
@@ -395,9 +396,9 @@ class LeanH2Connection(H2Connection):
         events: list[Event] = []
         window = self._inbound_flow_control_window_manager
         streams = self.streams
-        while end - pos >= 9:
+        while end - pos >= HEADER_SIZE:
             length = data[pos] << 16 | data[pos + 1] << 8 | data[pos + 2]
-            if data[pos + 3] != _DATA or data[pos + 4] or length > end - pos - 9:
+            if data[pos + 3] != DATA or data[pos + 4] or length > end - pos - HEADER_SIZE:
                 break
             stream = streams.get(int.from_bytes(data[pos + 5 : pos + 9]) & 0x7FFFFFFF)
             if (
@@ -410,7 +411,7 @@ class LeanH2Connection(H2Connection):
                 or not stream.state_machine.headers_received
             ):
                 break
-            start = pos + 9
+            start = pos + HEADER_SIZE
             pos = start + length
             window.window_consumed(length)
             stream._inbound_window_manager.window_consumed(length)
