@@ -16,6 +16,7 @@ from grpclib.protocol import Buffer
 from grpclib.utils import Wrapper
 from rawh2 import H2Client, grpc_message
 
+from benchmarks.floods import DATA, END_STREAM, PING, PRIORITY, WINDOW_UPDATE, frame
 from number_service import NumberClient
 from number_service.codec import decode_int32_field, encode_int32_field
 from number_service.pytest_plugin import RunningServer
@@ -359,33 +360,28 @@ def test_the_lean_h2_connection_takes_its_shortcut_for_a_plain_frame(
     assert len(calls) == 1
 
 
-def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    size = len(payload)
-    return bytes([size >> 16, (size >> 8) & 0xFF, size & 0xFF, kind, flags]) + (
-        stream_id.to_bytes(4, "big") + payload
-    )
-
-
 def _received_frames(rng: random.Random) -> list[bytes]:
     """Frames a client might send the server of ``_h2_pair`` (streams 1 open, 3
     half-closed by the client, 5 open with a content-length of 10), good and bad."""
-    data, window_update, ping = 0x0, 0x8, 0x6
-    end_stream, padded = 0x1, 0x8
+    padded = 0x8
     choices = [
-        lambda: _frame(data, 0, 1, rng.randbytes(rng.choice([0, 1, 7, 300, 900]))),
-        lambda: _frame(data, 0, 1, rng.randbytes(7)),
-        lambda: _frame(data, 0, 0x80000001, b"reserved bit set"),
-        lambda: _frame(data, 0, 5, b"123456"),  # counted against its content-length
-        lambda: _frame(data, end_stream, 1, b"last"),
-        lambda: _frame(data, padded, 1, bytes([3]) + b"pad" + bytes(3)),
-        lambda: _frame(data, 0x2, 1, b"an unknown flag"),
-        lambda: _frame(data, 0, 3, b"half-closed"),
-        lambda: _frame(data, 0, 9, b"never opened"),
-        lambda: _frame(data, 0, 1, bytes(20_000)),  # past the frame size
-        lambda: _frame(window_update, 0, 0, (1000).to_bytes(4, "big")),
-        lambda: _frame(ping, 0, 0, bytes(8)),
+        lambda: frame(DATA, 0, 1, rng.randbytes(rng.choice([0, 1, 7, 300, 900]))),
+        lambda: frame(DATA, 0, 1, rng.randbytes(7)),
+        lambda: frame(DATA, 0, 0x80000001, b"reserved bit set"),
+        lambda: frame(DATA, 0, 5, b"123456"),  # counted against its content-length
+        lambda: frame(DATA, END_STREAM, 1, b"last"),
+        lambda: frame(DATA, padded, 1, bytes([3]) + b"pad" + bytes(3)),
+        lambda: frame(DATA, 0x2, 1, b"an unknown flag"),
+        lambda: frame(DATA, 0, 3, b"half-closed"),
+        lambda: frame(DATA, 0, 9, b"never opened"),
+        lambda: frame(DATA, 0, 1, bytes(20_000)),  # past the frame size
+        lambda: frame(WINDOW_UPDATE, 0, 0, (1000).to_bytes(4, "big")),
+        lambda: frame(PING, 0, 0, bytes(8)),
+        # No flags, on an open stream, and not DATA: h2's.
+        lambda: frame(WINDOW_UPDATE, 0, 1, (1000).to_bytes(4, "big")),
+        lambda: frame(PRIORITY, 0, 1, bytes(4) + b"\x10"),
     ]
-    weights = [30, 30, 2, 6, 1, 1, 1, 1, 0.5, 0.5, 3, 2]
+    weights = [30, 30, 2, 6, 1, 1, 1, 1, 0.5, 0.5, 3, 2, 2, 2]
     return [rng.choices(choices, weights)[0]() for _ in range(rng.randint(1, 40))]
 
 
@@ -457,6 +453,6 @@ def test_the_lean_h2_connection_refuses_data_before_headers_as_h2() -> None:
         request = [(":method", "POST"), (":scheme", "http"), (":path", "/p"), (":authority", "a")]
         client.send_headers(1, request)
         with pytest.raises(ProtocolError) as raised:
-            client.receive_data(_frame(0x0, 0, 1, b"too soon"))
+            client.receive_data(frame(DATA, 0, 1, b"too soon"))
         seen.append((type(raised.value), str(raised.value), bytes(client.data_to_send())[-17:]))
     assert seen[1] == seen[0]
